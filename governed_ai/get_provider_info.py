@@ -1,0 +1,110 @@
+"""Provider metadata read by Airflow's ProvidersManager through the ``apache_airflow_provider`` entry point.
+
+Kept as plain data with no imports: Airflow reads it in every process, and an error here breaks every
+``airflow`` command.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def get_provider_info() -> dict[str, Any]:
+    return {
+        "package-name": "airflow-provider-governed-ai",
+        "name": "Governed AI",
+        "description": (
+            "Governed AI pipelines: LLM, retrieval, tool and validation operators that all pass through "
+            "one policy, budget, redaction and audit layer."
+        ),
+        "versions": ["0.1.0"],
+        "integrations": [
+            {"integration-name": "Governed AI", "tags": ["ai"]},
+        ],
+        "hooks": [
+            {
+                "integration-name": "Governed AI",
+                "python-modules": ["governed_ai.hooks.llm", "governed_ai.hooks.governance"],
+            }
+        ],
+        "operators": [
+            {"integration-name": "Governed AI", "python-modules": ["governed_ai.operators.llm"]},
+        ],
+        "connection-types": [
+            {
+                "hook-class-name": "governed_ai.hooks.llm.LLMHook",
+                "hook-name": "Governed AI: LLM (OpenAI-compatible)",
+                "connection-type": "governed_ai_llm",
+                "conn-fields": {
+                    "default_model": {
+                        "label": "Default model",
+                        "schema": {"type": ["string", "null"]},
+                        "description": "Model used when an operator does not name one, e.g. gpt-4o-mini.",
+                    },
+                    "organization": {"label": "Organization", "schema": {"type": ["string", "null"]}},
+                    "project": {"label": "Project", "schema": {"type": ["string", "null"]}},
+                    "timeout": {
+                        "label": "Timeout (seconds)",
+                        "schema": {"type": ["number", "null"], "default": 60},
+                    },
+                    "max_retries": {
+                        "label": "Max retries",
+                        "schema": {"type": ["integer", "null"], "default": 3},
+                        "description": "Retries on 429/5xx/timeouts, honouring Retry-After.",
+                    },
+                    "structured_output": {
+                        "label": "Structured output dialect",
+                        "schema": {
+                            "type": ["string", "null"],
+                            "enum": ["json_schema", "json_object"],
+                            "default": "json_schema",
+                        },
+                        "description": "json_schema for OpenAI; json_object for llama.cpp-style servers.",
+                    },
+                    "prices": {
+                        "label": "Prices (USD per 1M tokens)",
+                        "schema": {"type": ["object", "null"]},
+                        "description": (
+                            'JSON: {"model-or-glob": {"input_per_1m_tokens": 0.15, '
+                            '"output_per_1m_tokens": 0.6}}'
+                        ),
+                    },
+                },
+                "ui-field-behaviour": {
+                    "hidden-fields": ["schema", "port", "login"],
+                    "relabeling": {"host": "Base URL", "password": "API key"},
+                    "placeholders": {"host": "https://api.openai.com/v1"},
+                },
+            },
+            {
+                "hook-class-name": "governed_ai.hooks.governance.GovernanceHook",
+                "hook-name": "Governed AI: Governance",
+                "connection-type": "governed_ai_governance",
+                "conn-fields": {
+                    "policy_path": {
+                        "label": "Policy file path",
+                        "schema": {"type": ["string", "null"]},
+                        "description": "YAML policy; reloaded when it changes.",
+                    },
+                    "policy_yaml": {
+                        "label": "Inline policy (YAML)",
+                        "schema": {"type": ["string", "null"]},
+                        "description": "Used when no policy file path is set.",
+                    },
+                    "store_url": {
+                        "label": "Audit/ledger store URL",
+                        "schema": {"type": ["string", "null"]},
+                        "description": (
+                            "SQLAlchemy URL; default sqlite under AIRFLOW_HOME. Use PostgreSQL "
+                            "when several workers share it."
+                        ),
+                    },
+                },
+                "ui-field-behaviour": {
+                    "hidden-fields": ["schema", "port", "login", "password", "host"],
+                    "relabeling": {},
+                    "placeholders": {},
+                },
+            },
+        ],
+    }

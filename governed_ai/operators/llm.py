@@ -1,0 +1,120 @@
+"""Operator for one LLM call: plain text, or structured output validated into a pydantic model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseOperator
+from pydantic import BaseModel
+
+from governed_ai.core.chat import Message, build_messages
+from governed_ai.core.structured_output import ensure_schema_model
+from governed_ai.hooks.llm import LLMHook
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+
+class LLMOperator(BaseOperator):
+    """Send one prompt (or a conversation) to an OpenAI-compatible model and push the result to XCom.
+
+    The XCom value is a JSON-safe dict: ``content`` (the reply text), ``output`` (the reply parsed into
+    ``output_schema``, as a dict, or None), ``model``, ``usage`` (prompt/completion/total tokens),
+    ``cost_usd``, ``latency_ms``, ``attempts`` and ``finish_reason``.
+
+    :param prompt: The user message. Templated. Either ``prompt`` or ``messages`` is required.
+    :param system_prompt: Instructions sent first, as the system message. Templated.
+    :param messages: A list of ``{"role": ..., "content": ...}`` dicts placed between the system prompt
+        and ``prompt``; for few-shot examples or a prior conversation. Templated.
+    :param model: Model name on the endpoint; defaults to the connection's ``default_model``. Templated.
+    :param temperature: Sampling temperature; None keeps the endpoint's default.
+    :param max_tokens: Upper bound on tokens in the reply; None keeps the endpoint's default.
+    :param output_schema: A pydantic model class. The endpoint is asked for JSON matching its schema, the
+        reply is validated, and validation errors are sent back for up to ``max_repair_attempts`` repairs
+        before the task fails with a message listing what was wrong.
+    :param max_repair_attempts: Repair attempts after an invalid structured reply (0 disables repair).
+    :param llm_conn_id: Connection of type ``governed_ai_llm``.
+    """
+
+    template_fields: Sequence[str] = ("prompt", "system_prompt", "messages", "model")
+    template_fields_renderers = {"prompt": "md", "system_prompt": "md", "messages": "json"}
+    ui_color = "#e8f0fe"
+
+    def __init__(
+        self,
+        *,
+        prompt: str | None = None,
+        system_prompt: str | None = None,
+        messages: list[Message] | None = None,
+        model: str | None = None,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        output_schema: type[BaseModel] | None = None,
+        max_repair_attempts: int = 2,
+        llm_conn_id: str = LLMHook.default_conn_name,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        # Problems a DAG author can see at parse time are reported then, not at 3 a.m.
+        if prompt is None and not messages:
+            raise ValueError(f"{self.task_id}: give 'prompt' (a string) or 'messages' (a list of dicts).")
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"{self.task_id}: 'max_tokens' must be a positive integer, got {max_tokens}.")
+        if not 0 <= max_repair_attempts <= 10:
+            raise ValueError(
+                f"{self.task_id}: 'max_repair_attempts' must be 0..10, got {max_repair_attempts}."
+            )
+        self.prompt = prompt
+        self.system_prompt = system_prompt
+        self.messages = messages
+        self.model = model
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.output_schema = ensure_schema_model(output_schema, "output_schema")
+        self.max_repair_attempts = max_repair_attempts
+        self.llm_conn_id = llm_conn_id
+
+    @cached_property
+    def hook(self) -> LLMHook:
+        return LLMHook(llm_conn_id=self.llm_conn_id)
+
+    def rendered_messages(self) -> list[Message]:
+        """The conversation after templating, checked for the mistakes templating can introduce."""
+        if self.prompt is not None and not str(self.prompt).strip() and not self.messages:
+            raise ValueError(f"{self.task_id}: 'prompt' rendered to an empty string; nothing to send.")
+        if self.messages is not None and not isinstance(self.messages, list):
+            raise TypeError(
+                f"{self.task_id}: 'messages' must be a list of {{'role', 'content'}} dicts, "
+                f"got {type(self.messages).__name__}."
+            )
+        for i, message in enumerate(self.messages or ()):
+            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                raise ValueError(
+                    f"{self.task_id}: messages[{i}] needs 'role' and 'content' keys: {message!r}"
+                )
+        return build_messages(self.prompt, self.system_prompt, self.messages)
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        request = self.hook.build_request(
+            self.rendered_messages(),
+            model=self.model,
+            temperature=self.temperature,
+            max_tokens=self.max_tokens,
+            output_schema=self.output_schema,
+            max_repair_attempts=self.max_repair_attempts,
+        )
+        self.hook.ensure_model_served(request.model)
+        result = self.hook.chat(request)
+        self.log.info(
+            "model=%s tokens=%d (prompt %d, completion %d) cost=$%.6f latency=%.0f ms attempts=%d",
+            result.model,
+            result.usage.total_tokens,
+            result.usage.prompt_tokens,
+            result.usage.completion_tokens,
+            result.cost_usd,
+            result.latency_ms,
+            result.attempts,
+        )
+        return result.to_xcom()

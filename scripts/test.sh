@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The test command: installs what the tests need (the same pinned venv as the demo, plus a PostgreSQL
+# server binary for the governance store tests), then lints, type-checks and runs the whole suite,
+# including the tests against the real local model, real Chroma, real Great Expectations and Airflow.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/bootstrap.sh
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  echo "test: installing PostgreSQL (Debian package) for the governance store tests"
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  else
+    echo "test: PostgreSQL server binaries are missing; install them: sudo apt-get install postgresql" >&2
+    exit 1
+  fi
+fi
+source scripts/airflow-env.sh
+echo "test: ruff"
+ruff check governed_ai tests example_dags benchmarks
+echo "test: mypy"
+mypy
+echo "test: pytest"
+exec python -m pytest "$@"

@@ -30,6 +30,39 @@ def get_provider_info() -> dict[str, Any]:
         "operators": [
             {"integration-name": "Governed AI", "python-modules": ["governed_ai.operators.llm"]},
         ],
+        "config": {
+            "governed_ai": {
+                "description": "Governance of AI calls: where the policy and the audit/budget store live.",
+                "options": {
+                    "policy_path": {
+                        "description": (
+                            "YAML policy file. Without a policy every governed call is denied (fail-closed)."
+                        ),
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "/opt/airflow/policies/governance_policy.yaml",
+                        "default": None,
+                    },
+                    "store_url": {
+                        "description": (
+                            "SQLAlchemy URL of the audit trail and budget ledger. Default: a SQLite file "
+                            "under AIRFLOW_HOME/governed_ai/. Use PostgreSQL with several workers."
+                        ),
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "postgresql+psycopg://airflow:***@db/governance",
+                        "default": None,
+                    },
+                    "policy_check_interval_seconds": {
+                        "description": "How often a worker checks the policy file for changes.",
+                        "version_added": "0.1.0",
+                        "type": "float",
+                        "example": "5",
+                        "default": "5",
+                    },
+                },
+            }
+        },
         "connection-types": [
             {
                 "hook-class-name": "governed_ai.hooks.llm.LLMHook",

@@ -12,16 +12,33 @@ airflow db migrate > "$AIRFLOW_HOME/db-migrate.log" 2>&1 || { tail -20 "$AIRFLOW
 state_dir="$AIRFLOW_HOME/governed_ai/local_model"
 echo "demo: starting the local model (SmolLM2-135M-Instruct on llama-cpp-python)"
 governed-ai-local-model start --state-dir "$state_dir"
-trap 'governed-ai-local-model stop --state-dir "$state_dir" >/dev/null' EXIT
+local_model_cli="$PWD/.venv/bin/governed-ai-local-model"
+trap '"$local_model_cli" stop --state-dir "$state_dir" >/dev/null' EXIT
 eval "$(governed-ai-local-model env --state-dir "$state_dir")"
 
-log="$AIRFLOW_HOME/demo-$DAG_ID.log"
-echo "demo: airflow dags test $DAG_ID $LOGICAL_DATE (full log: $log)"
-started=$(date +%s)
-if ! airflow dags test "$DAG_ID" "$LOGICAL_DATE" > "$log" 2>&1; then
-  tail -40 "$log"
-  echo "demo: the DAG run failed; full log in $log" >&2
-  exit 1
+run_dag() {
+  local dag_id="$1" log="$AIRFLOW_HOME/demo-$1.log" started
+  echo
+  echo "demo: airflow dags test $dag_id $LOGICAL_DATE (full log: $log)"
+  started=$(date +%s)
+  if ! airflow dags test "$dag_id" "$LOGICAL_DATE" > "$log" 2>&1 || ! grep "DagRun Finished" "$log" | grep -q "state=success"; then
+    tail -40 "$log"
+    echo "demo: the $dag_id run failed; full log in $log" >&2
+    exit 1
+  fi
+  echo "demo: $dag_id finished in $(( $(date +%s) - started )) s. From its task logs:"
+  grep -oE "model=[^ ]+ tokens=.* rule=[^ ]+|wrote [0-9]+ results.*|T-[0-9]{4}: .*|denied by governance: .{0,160}|[a-z_]+: [a-z.]+ [^ ]+ (allow|deny) rule=[^ ]+ outcome=[a-z]+|audit chain: .*" "$log" \
+    | grep -v '^denied by governance: {' | awk '!seen[$0]++' | cut -c1-220
+}
+
+if [ "$#" -ge 1 ]; then
+  run_dag "$DAG_ID"
+else
+  run_dag support_triage
+  run_dag governance_showcase
 fi
-echo "demo: DAG run finished in $(( $(date +%s) - started )) s. Task log lines of interest:"
-grep -oE "model=[^ ]+ tokens=.* attempts=[0-9]+|wrote [0-9]+ results.*|T-[0-9]{4}: .*" "$log" | cut -c1-200
+echo
+echo "demo: governed-ai audit verify / budget status"
+governed-ai audit verify | tr -d '\n' | cut -c1-200; echo
+governed-ai budget status
+echo "demo: done; stopping the local model"

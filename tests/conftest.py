@@ -8,8 +8,10 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,6 +22,10 @@ os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "example_dags")
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "True"
 os.environ.pop("AIRFLOW_CONN_GOVERNED_AI_LLM_DEFAULT", None)
+os.environ["AIRFLOW__GOVERNED_AI__POLICY_PATH"] = str(
+    REPO / "example_dags" / "policies" / "governance_policy.yaml"
+)
+os.environ.pop("AIRFLOW__GOVERNED_AI__STORE_URL", None)
 
 
 @pytest.fixture(scope="session")
@@ -51,6 +57,51 @@ def local_model_connection(local_model: str, monkeypatch: pytest.MonkeyPatch) ->
 
     monkeypatch.setenv(CONNECTION_ENV, connection_json(local_model))
     return local_model
+
+
+@dataclass(frozen=True)
+class FakeTaskInstance:
+    """Stands in for Airflow's RuntimeTaskInstance in unit tests that call ``execute`` directly."""
+
+    dag_id: str = "unit_dag"
+    task_id: str = "unit_task"
+    run_id: str = "manual__unit"
+    try_number: int = 1
+    map_index: int = -1
+
+
+@dataclass(frozen=True)
+class FakeDag:
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class FakeTask:
+    owner: str = "airflow"
+
+
+def fake_context(dag_id: str = "unit_dag", task_id: str = "unit_task", *, owner: str = "airflow",
+                 tags: tuple[str, ...] = (), run_id: str = "manual__unit") -> dict[str, Any]:  # fmt: skip
+    """A minimal task context (named fake) carrying the identity governance needs."""
+    return {
+        "ti": FakeTaskInstance(dag_id=dag_id, task_id=task_id, run_id=run_id),
+        "task": FakeTask(owner=owner),
+        "dag": FakeDag(tags=tags),
+    }
+
+
+@pytest.fixture
+def governance_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[str], Path]:
+    """Points governance at a policy written by the test and a fresh SQLite store; returns the writer."""
+    policy = tmp_path / "policy.yaml"
+    monkeypatch.setenv("AIRFLOW__GOVERNED_AI__POLICY_PATH", str(policy))
+    monkeypatch.setenv("AIRFLOW__GOVERNED_AI__STORE_URL", f"sqlite:///{tmp_path / 'governance.db'}")
+
+    def write(text: str) -> Path:
+        policy.write_text(text)
+        return policy
+
+    return write
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

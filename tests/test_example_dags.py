@@ -47,3 +47,32 @@ def test_support_triage_runs_end_to_end_on_the_real_model(airflow_db, local_mode
     assert [r["ticket_id"] for r in rows] == [t["ticket_id"] for t in tickets]
     for row in rows:
         module.TicketClassification.model_validate({k: v for k, v in row.items() if k != "ticket_id"})
+
+
+@pytest.mark.airflow
+@pytest.mark.real_model
+def test_governance_showcase_allows_denies_and_stops_on_budget(airflow_db, local_model_connection, dagbag):
+    from airflow.utils.state import TaskInstanceState
+
+    from governed_ai.hooks.governance import GovernanceHook
+
+    dag = dagbag.dags["governance_showcase"]
+    run = dag.test()
+    states = {ti.task_id: ti for ti in run.get_task_instances()}
+    assert states["allowed_call"].state == TaskInstanceState.SUCCESS
+    assert states["denied_model"].state == TaskInstanceState.FAILED
+    assert states["over_budget"].state == TaskInstanceState.FAILED
+    assert states["audit_report"].state == TaskInstanceState.SUCCESS
+    # A denial is final: no retry although the DAG's default_args allow two.
+    assert states["denied_model"].try_number == 1
+
+    audit = GovernanceHook().governor.audit
+    records = audit.query(dag_id="governance_showcase", run_id=run.run_id, order="asc")
+    denied = [r for r in records if r.decision == "deny"]
+    assert {(r.task_id, r.action) for r in denied} == {
+        ("denied_model", "model.authorize"),
+        ("over_budget", "budget.deny"),
+    }
+    assert "showcase-per-run" in next(r.error for r in denied if r.action == "budget.deny")
+    assert [r.task_id for r in records if r.action == "model.call"] == ["allowed_call"]
+    assert audit.verify().ok

@@ -160,7 +160,9 @@ class StructuredChat:
                 f"{self._attempts} attempt(s) ({self._request.max_repair_attempts} repair(s) allowed). "
                 f"What was wrong:\n{describe_failure(self._last_error or ValueError('no reply'))}\n"
                 f"Last reply (first 500 chars): {shown!r}\n"
-                "Raise max_repair_attempts or max_tokens, simplify the schema, or use a stronger model."
+                "Raise max_repair_attempts or max_tokens, simplify the schema, or use a stronger model.",
+                prompt_tokens=self._usage.prompt_tokens,
+                completion_tokens=self._usage.completion_tokens,
             )
         return ChatResult(
             content=self._content,

@@ -10,7 +10,16 @@ from governed_ai.core.llm_settings import StructuredOutputMode
 
 
 class StructuredOutputError(ValueError):
-    """The model's reply still did not fit the schema after every repair attempt."""
+    """The model's reply still did not fit the schema after every repair attempt.
+
+    ``prompt_tokens``/``completion_tokens`` are what the failed attempts used: they were paid for, so
+    budgets must be charged for them.
+    """
+
+    def __init__(self, message: str, *, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
+        super().__init__(message)
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = completion_tokens
 
 
 def ensure_schema_model(value: object, parameter: str = "output_schema") -> type[BaseModel] | None:

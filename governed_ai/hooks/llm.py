@@ -25,6 +25,10 @@ class LLMCallError(RuntimeError):
     """The endpoint refused or failed a call; the message says what to check."""
 
 
+class ModelNotServed(ValueError):
+    """The endpoint does not list the requested model."""
+
+
 class LLMHook(BaseHook):
     """Owns an OpenAI-compatible connection and its sync and async clients.
 
@@ -155,7 +159,7 @@ class LLMHook(BaseHook):
         """
         served = self.served_models
         if served and model not in served:
-            raise ValueError(
+            raise ModelNotServed(
                 f"Model '{model}' is not served by connection '{self.llm_conn_id}' "
                 f"({self.settings.base_url or 'default endpoint'}). Set the operator's 'model' parameter "
                 f"(or the connection's default_model) to one of: {', '.join(sorted(served)[:30])}."

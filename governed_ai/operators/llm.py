@@ -6,12 +6,16 @@ from collections.abc import Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+from airflow.exceptions import AirflowFailException
 from airflow.sdk import BaseOperator
 from pydantic import BaseModel
 
-from governed_ai.core.chat import Message, build_messages
+from governed_ai.core.chat import ChatRequest, ChatResult, Message, build_messages
+from governed_ai.core.governor import GovernanceDenied, ModelUnavailable
+from governed_ai.core.prompt_version import prompt_version
 from governed_ai.core.structured_output import ensure_schema_model
-from governed_ai.hooks.llm import LLMHook
+from governed_ai.hooks.governance import GovernanceHook
+from governed_ai.hooks.llm import LLMCallError, LLMHook, ModelNotServed
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -20,9 +24,16 @@ if TYPE_CHECKING:
 class LLMOperator(BaseOperator):
     """Send one prompt (or a conversation) to an OpenAI-compatible model and push the result to XCom.
 
+    Every call goes through the governance layer: the policy must grant the model to this DAG/task (or
+    route a model alias such as ``default`` to a granted model, with fallbacks), the estimated maximum
+    cost is reserved against the applicable budgets and settled with the actual usage, prompts and
+    outputs are redacted as the policy says, and every decision and call is written to the audit trail.
+    A denial fails the task without retries (``AirflowFailException``) and names the rule to change.
+
     The XCom value is a JSON-safe dict: ``content`` (the reply text), ``output`` (the reply parsed into
     ``output_schema``, as a dict, or None), ``model``, ``usage`` (prompt/completion/total tokens),
-    ``cost_usd``, ``latency_ms``, ``attempts`` and ``finish_reason``.
+    ``cost_usd``, ``latency_ms``, ``attempts``, ``finish_reason`` and ``governance`` (granting rule,
+    prompt version, number of redactions, fallback models tried).
 
     :param prompt: The user message. Templated. Either ``prompt`` or ``messages`` is required.
     :param system_prompt: Instructions sent first, as the system message. Templated.
@@ -35,7 +46,12 @@ class LLMOperator(BaseOperator):
         reply is validated, and validation errors are sent back for up to ``max_repair_attempts`` repairs
         before the task fails with a message listing what was wrong.
     :param max_repair_attempts: Repair attempts after an invalid structured reply (0 disables repair).
+    :param prompt_name: Optional declared name of the prompt; with ``prompt_version_label`` it forms the
+        recorded prompt version ``name@label#hash`` (the hash always covers the prompt's content).
+    :param prompt_version_label: Optional declared version of the prompt (requires ``prompt_name``).
     :param llm_conn_id: Connection of type ``governed_ai_llm``.
+    :param governance_conn_id: Connection of type ``governed_ai_governance``; optional when the
+        ``[governed_ai]`` config section names the policy.
     """
 
     template_fields: Sequence[str] = ("prompt", "system_prompt", "messages", "model")
@@ -53,7 +69,10 @@ class LLMOperator(BaseOperator):
         max_tokens: int | None = None,
         output_schema: type[BaseModel] | None = None,
         max_repair_attempts: int = 2,
+        prompt_name: str | None = None,
+        prompt_version_label: str | None = None,
         llm_conn_id: str = LLMHook.default_conn_name,
+        governance_conn_id: str = GovernanceHook.default_conn_name,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -75,10 +94,22 @@ class LLMOperator(BaseOperator):
         self.output_schema = ensure_schema_model(output_schema, "output_schema")
         self.max_repair_attempts = max_repair_attempts
         self.llm_conn_id = llm_conn_id
+        self.governance_conn_id = governance_conn_id
+        # The version is computed from the templates as written, before Jinja renders them in place.
+        self.prompt_version_id = prompt_version(
+            prompt if prompt is not None else "",
+            system_prompt=system_prompt,
+            name=prompt_name,
+            version=prompt_version_label,
+        ).id
 
     @cached_property
     def hook(self) -> LLMHook:
         return LLMHook(llm_conn_id=self.llm_conn_id)
+
+    @cached_property
+    def governance(self) -> GovernanceHook:
+        return GovernanceHook(governance_conn_id=self.governance_conn_id)
 
     def rendered_messages(self) -> list[Message]:
         """The conversation after templating, checked for the mistakes templating can introduce."""
@@ -105,10 +136,21 @@ class LLMOperator(BaseOperator):
             output_schema=self.output_schema,
             max_repair_attempts=self.max_repair_attempts,
         )
-        self.hook.ensure_model_served(request.model)
-        result = self.hook.chat(request)
+        try:
+            governed = self.governance.governor.chat(
+                self.governance.subject_from_context(context),
+                connection_id=self.llm_conn_id,
+                requested_model=request.model,
+                request=request,
+                call=self._call_model,
+                prices=self.hook.settings.prices,
+                prompt_version=self.prompt_version_id,
+            )
+        except GovernanceDenied as denied:
+            raise AirflowFailException(f"{self.task_id}: denied by governance: {denied}") from denied
+        result = governed.result
         self.log.info(
-            "model=%s tokens=%d (prompt %d, completion %d) cost=$%.6f latency=%.0f ms attempts=%d",
+            "model=%s tokens=%d (prompt %d, completion %d) cost=$%.6f latency=%.0f ms attempts=%d rule=%s",
             result.model,
             result.usage.total_tokens,
             result.usage.prompt_tokens,
@@ -116,5 +158,14 @@ class LLMOperator(BaseOperator):
             result.cost_usd,
             result.latency_ms,
             result.attempts,
+            governed.rule,
         )
-        return result.to_xcom()
+        return governed.to_xcom()
+
+    def _call_model(self, request: ChatRequest) -> ChatResult:
+        """The one place the endpoint is called; endpoint failures let governance try a fallback model."""
+        try:
+            self.hook.ensure_model_served(request.model)
+            return self.hook.chat(request)
+        except (LLMCallError, ModelNotServed) as err:
+            raise ModelUnavailable(str(err)) from err

@@ -5,10 +5,26 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from airflow.exceptions import AirflowFailException
 from pydantic import BaseModel
 
 from governed_ai.operators.llm import LLMOperator
+from tests.conftest import fake_context
 from tests.fakes.openai_server import FakeOpenAIServer
+
+POLICY = """
+version: 1
+rules:
+  - name: unit-tests
+    match: {dag_id: unit_dag}
+    models:
+      - {connection: test_llm, model: "fake-*", max_tokens_per_call: 100}
+      - {connection: test_llm, model: "gpt-typo"}
+    model_routes:
+      default: {model: fake-missing, fallbacks: [fake-model]}
+budgets:
+  - {name: unit-run, scope: global, period: run, max_tokens: 1000}
+"""
 
 
 class Answer(BaseModel):
@@ -16,7 +32,8 @@ class Answer(BaseModel):
 
 
 @pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeOpenAIServer]:
+def fake(monkeypatch: pytest.MonkeyPatch, governance_policy) -> Iterator[FakeOpenAIServer]:
+    governance_policy(POLICY)
     with FakeOpenAIServer(models=("fake-model",)) as server:
         monkeypatch.setenv("AIRFLOW_CONN_TEST_LLM", server.connection_json(default_model="fake-model"))
         yield server
@@ -70,8 +87,10 @@ def test_template_fields_cover_the_text_inputs():
 def test_execute_returns_json_safe_result(fake):
     fake.script('{"answer": "42"}')
     op = LLMOperator(task_id="t", prompt="q", output_schema=Answer, llm_conn_id="test_llm")
-    result = op.execute(context={})  # type: ignore[arg-type]
+    result = op.execute(context=fake_context())  # type: ignore[arg-type]
     assert result["output"] == {"answer": "42"}
+    assert result["governance"]["rule"] == "unit-tests"
+    assert result["governance"]["prompt_version"].startswith("sha256:")
     assert result["usage"]["total_tokens"] == 15
     assert result["model"] == "fake-model"
     import json
@@ -80,7 +99,55 @@ def test_execute_returns_json_safe_result(fake):
 
 
 def test_execute_refuses_unknown_model_before_calling_it(fake):
-    op = LLMOperator(task_id="t", prompt="q", model="gpt-typo", llm_conn_id="test_llm")
-    with pytest.raises(ValueError, match="'gpt-typo' is not served.*'model' parameter"):
-        op.execute(context={})  # type: ignore[arg-type]
+    op = LLMOperator(task_id="t", prompt="q", model="gpt-typo", max_tokens=50, llm_conn_id="test_llm")
+    with pytest.raises(Exception, match="'gpt-typo' is not served.*'model' parameter"):
+        op.execute(context=fake_context())  # type: ignore[arg-type]
     assert fake.chat_requests == []
+
+
+def test_denied_model_fails_without_retry_and_never_reaches_the_server(fake):
+    op = LLMOperator(task_id="t", prompt="q", model="gpt-4o", llm_conn_id="test_llm")
+    with pytest.raises(AirflowFailException, match="denied by governance.*gpt-4o"):
+        op.execute(context=fake_context())  # type: ignore[arg-type]
+    assert fake.chat_requests == []
+
+
+def test_other_dag_is_denied_even_for_a_granted_model(fake):
+    op = LLMOperator(task_id="t", prompt="q", model="fake-model", llm_conn_id="test_llm")
+    with pytest.raises(AirflowFailException, match="other_dag"):
+        op.execute(context=fake_context(dag_id="other_dag"))  # type: ignore[arg-type]
+    assert fake.chat_requests == []
+
+
+def test_route_alias_falls_back_to_a_served_model(fake):
+    op = LLMOperator(task_id="t", prompt="q", model="default", llm_conn_id="test_llm")
+    result = op.execute(context=fake_context())  # type: ignore[arg-type]
+    assert result["model"] == "fake-model"
+    assert result["governance"]["fallbacks_tried"] == ["fake-missing"]
+
+
+def test_policy_caps_max_tokens(fake):
+    op = LLMOperator(task_id="t", prompt="q", max_tokens=5000, llm_conn_id="test_llm")
+    op.execute(context=fake_context())  # type: ignore[arg-type]
+    assert fake.chat_requests[0]["max_tokens"] == 100
+
+
+def test_budget_stop_names_the_budget(fake):
+    op = LLMOperator(task_id="t", prompt="q", max_tokens=100, llm_conn_id="test_llm")
+    for _ in range(3):
+        op.execute(context=fake_context())  # type: ignore[arg-type]
+    # Each call reserves ~100+ tokens against 1,000 but settles 15; a 2,000-token reservation cannot fit.
+    big = LLMOperator(task_id="t", prompt="q" * 5000, llm_conn_id="test_llm")
+    with pytest.raises(AirflowFailException, match="budget 'unit-run'"):
+        big.execute(context=fake_context())  # type: ignore[arg-type]
+    assert len(fake.chat_requests) == 3
+
+
+def test_prompt_is_redacted_before_it_leaves(fake):
+    op = LLMOperator(
+        task_id="t", prompt="Mail jane.doe@example.com card 4111 1111 1111 1111", llm_conn_id="test_llm"
+    )
+    op.execute(context=fake_context())  # type: ignore[arg-type]
+    sent = fake.chat_requests[0]["messages"][-1]["content"]
+    assert "jane.doe@example.com" not in sent and "4111" not in sent
+    assert "[REDACTED:EMAIL]" in sent

@@ -1,0 +1,139 @@
+"""``governed-ai``: check a policy, read and verify the audit trail, show budget status.
+
+    governed-ai policy check POLICY.yaml
+    governed-ai audit tail [-n 20] | query [--dag-id ..] [--run-id ..] [--action ..] [--decision deny]
+    governed-ai audit export FILE.jsonl [filters] | verify
+    governed-ai budget status
+
+The store is ``--store-url``, else ``$AIRFLOW__GOVERNED_AI__STORE_URL``, else the SQLite file under
+``$AIRFLOW_HOME/governed_ai/``: the same defaults the governance hook uses. Airflow itself is not imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from governed_ai.core.audit import AuditStore, StoredAuditRecord
+from governed_ai.core.ledger import BudgetLedger
+from governed_ai.core.policy import PolicyError, PolicyProvider, load_policy_file
+from governed_ai.core.sqlstore import create_store_engine
+
+
+def _store_url(explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    if os.environ.get("AIRFLOW__GOVERNED_AI__STORE_URL"):
+        return os.environ["AIRFLOW__GOVERNED_AI__STORE_URL"]
+    home = Path(os.environ.get("AIRFLOW_HOME", Path.home() / "airflow"))
+    (home / "governed_ai").mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{home / 'governed_ai' / 'governance.db'}"
+
+
+def _row(record: StoredAuditRecord) -> str:
+    tokens = ""
+    if record.prompt_tokens is not None or record.completion_tokens is not None:
+        tokens = f" tokens={(record.prompt_tokens or 0) + (record.completion_tokens or 0)}"
+    cost = f" cost=${record.cost_usd:.6f}" if record.cost_usd is not None else ""
+    why = f" error={record.error!r}" if record.error else ""
+    return (
+        f"{record.seq:>6} {record.time:%Y-%m-%dT%H:%M:%SZ} {record.dag_id}/{record.task_id}"
+        f"[{record.map_index}] {record.action} {record.resource or '-'} {record.decision} "
+        f"rule={record.rule or '-'} {record.outcome}{tokens}{cost}{why}"
+    )
+
+
+def _filters(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        key: getattr(args, key)
+        for key in ("dag_id", "run_id", "task_id", "action", "decision")
+        if getattr(args, key, None)
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="governed-ai", description="Governance tools for governed_ai.")
+    parser.add_argument("--store-url", default=None, help="SQLAlchemy URL of the audit/ledger store")
+    groups = parser.add_subparsers(dest="group", required=True)
+
+    policy = groups.add_parser("policy").add_subparsers(dest="command", required=True)
+    check = policy.add_parser("check", help="validate a policy file; exit 1 with line-numbered errors")
+    check.add_argument("path", type=Path)
+
+    audit = groups.add_parser("audit").add_subparsers(dest="command", required=True)
+    tail = audit.add_parser("tail", help="the newest records")
+    tail.add_argument("-n", type=int, default=20)
+    for name in ("query", "export"):
+        sub = audit.add_parser(name)
+        if name == "export":
+            sub.add_argument("file", type=Path)
+        for flag in ("--dag-id", "--run-id", "--task-id", "--action", "--decision"):
+            sub.add_argument(flag)
+        if name == "query":
+            sub.add_argument("--limit", type=int, default=100)
+    audit.add_parser("verify", help="check the hash chain; exit 1 if a record was edited or removed")
+
+    budget = groups.add_parser("budget").add_subparsers(dest="command", required=True)
+    budget.add_parser("status", help="spend, holds and remaining per budget period")
+
+    args = parser.parse_args(argv)
+
+    if args.group == "policy":
+        try:
+            document = load_policy_file(args.path)
+        except PolicyError as err:
+            print(str(err), file=sys.stderr)
+            return 1
+        digest = PolicyProvider(args.path).engine().digest
+        print(
+            f"{args.path}: OK — {len(document.rules)} rule(s), {len(document.budgets)} budget(s), "
+            f"digest {digest[:12]}"
+        )
+        return 0
+
+    store_engine = create_store_engine(_store_url(args.store_url))
+    if args.group == "budget":
+        statuses = BudgetLedger(store_engine).status()
+        if not statuses:
+            print("no budget has been used yet")
+        for s in statuses:
+            tokens = (
+                f"{s.spent_tokens:,}/{s.max_tokens:,} tokens"
+                if s.max_tokens is not None
+                else f"{s.spent_tokens:,} tokens"
+            )
+            cost = (
+                f"${s.spent_cost_usd:.4f}/${s.max_cost_usd:.2f}"
+                if s.max_cost_usd is not None
+                else f"${s.spent_cost_usd:.4f}"
+            )
+            resets = f" resets {s.resets_at:%Y-%m-%dT%H:%MZ}" if s.resets_at else ""
+            window = f"{s.period_kind or 'period'} {s.period}"
+            held = f"reserved {s.reserved_tokens:,} tokens"
+            print(f"{s.budget} [{window}]: {tokens}, {cost}; {held}{resets}")
+        return 0
+
+    store = AuditStore(store_engine)
+    if args.command == "tail":
+        for record in store.tail(args.n):
+            print(_row(record))
+    elif args.command == "query":
+        for record in store.query(limit=args.limit, order="asc", **_filters(args)):
+            print(_row(record))
+    elif args.command == "export":
+        with args.file.open("w") as out:
+            count = store.export_jsonl(out, **_filters(args))
+        print(f"exported {count} record(s) to {args.file}")
+    else:
+        result = store.verify()
+        print(json.dumps(result.model_dump(mode="json"), indent=2))
+        return 0 if result.ok else 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,194 @@
+"""SQL storage shared by the governance tables: engine creation, write transactions, table creation.
+
+The ledger and the audit trail both need "one writer at a time" semantics across processes. On SQLite
+that means a write transaction started with ``BEGIN IMMEDIATE`` (the file lock is taken up front, so two
+writers never deadlock upgrading a read lock); on PostgreSQL it means ordinary transactions plus row
+locks taken by the caller. :func:`write_transaction` hides that difference.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import DateTime, Engine, Insert, MetaData, Table, create_engine, event, text
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.engine.interfaces import Dialect
+from sqlalchemy.types import TypeDecorator
+
+#: The one MetaData every governance table of the provider is declared on.
+governance_metadata = MetaData()
+
+#: Dialects the governance store is written and tested for.
+SUPPORTED_DIALECTS = frozenset({"sqlite", "postgresql"})
+
+# Connection-level execution option that asks the SQLite "begin" hook for BEGIN IMMEDIATE.
+_IMMEDIATE_OPTION = "governed_ai_begin_immediate"
+
+# Lock key for serialising CREATE TABLE across processes on PostgreSQL (concurrent CREATE TABLE IF NOT
+# EXISTS can still fail on the pg_type unique index). Arbitrary but fixed: "gov-ai" in ASCII.
+_PG_DDL_LOCK_KEY = 0x676F762D6169
+
+
+class SqlStoreSettings(BaseModel):
+    """How to open the governance database."""
+
+    model_config = ConfigDict(frozen=True)
+
+    url: str = Field(description="SQLAlchemy URL, e.g. sqlite:////var/lib/gov.db or postgresql+psycopg://...")
+    busy_timeout_ms: int = Field(
+        default=30_000, ge=0, description="SQLite: how long a writer waits for the lock"
+    )
+    sqlite_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = Field(
+        default="NORMAL",
+        description="SQLite synchronous pragma: NORMAL (with WAL) survives process crashes, FULL power loss",
+    )
+    echo: bool = False
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend.
+
+    SQLite has no time zone type and would silently drop tzinfo; PostgreSQL returns values in the session
+    time zone. Both are normalised to aware UTC so comparisons and hashes never depend on the backend.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        value = as_utc(value)
+        # SQLite stores text; a fixed naive-UTC form keeps lexical order equal to time order.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return as_utc(value)
+
+
+def as_utc(value: datetime) -> datetime:
+    """Return ``value`` as an aware UTC datetime; naive values are taken to be UTC already."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+def utc_now() -> datetime:
+    """Current time as an aware UTC datetime (the default clock of the ledger and audit trail)."""
+    return datetime.now(UTC)
+
+
+def create_store_engine(settings: SqlStoreSettings | str | URL, **engine_kwargs: Any) -> Engine:
+    """Create an engine for the governance tables.
+
+    SQLite connections get WAL journaling (readers never block the writer), a busy timeout (writers
+    queue instead of failing with "database is locked") and SQLAlchemy-controlled BEGIN so that
+    :func:`write_transaction` can issue ``BEGIN IMMEDIATE``.
+    """
+    if isinstance(settings, URL):
+        settings = SqlStoreSettings(url=settings.render_as_string(hide_password=False))
+    elif isinstance(settings, str):
+        settings = SqlStoreSettings(url=settings)
+    url = make_url(settings.url)
+    dialect = url.get_backend_name()
+    if dialect not in SUPPORTED_DIALECTS:
+        raise ValueError(
+            f"unsupported database {dialect!r} for the governance store; "
+            f"use one of {sorted(SUPPORTED_DIALECTS)}"
+        )
+    engine = create_engine(url, echo=settings.echo, **engine_kwargs)
+    if dialect == "sqlite":
+        _install_sqlite_hooks(engine, settings)
+    return engine
+
+
+def _install_sqlite_hooks(engine: Engine, settings: SqlStoreSettings) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take BEGIN away from the sqlite3 module (it only begins before DML, never before SELECT/DDL),
+        # so the "begin" hook below decides exactly what kind of transaction starts.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            # busy_timeout first: switching to WAL may itself have to wait for another process.
+            cursor.execute(f"PRAGMA busy_timeout = {int(settings.busy_timeout_ms)}")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute(f"PRAGMA synchronous = {settings.sqlite_synchronous}")
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        if connection.get_execution_options().get(_IMMEDIATE_OPTION):
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            connection.exec_driver_sql("BEGIN")
+
+
+def dialect_name(engine_or_connection: Engine | Connection) -> str:
+    """The backend name ("sqlite", "postgresql") of an engine or connection."""
+    return engine_or_connection.dialect.name
+
+
+@contextmanager
+def write_transaction(engine: Engine) -> Iterator[Connection]:
+    """A transaction that is the only writer of the database while it runs (SQLite) or that is ready
+    for ``SELECT ... FOR UPDATE`` row locks (PostgreSQL). Commits on success, rolls back on error."""
+    with engine.connect() as connection:
+        if dialect_name(engine) == "sqlite":
+            connection = connection.execution_options(**{_IMMEDIATE_OPTION: True})
+        with connection.begin():
+            yield connection
+
+
+@contextmanager
+def read_transaction(engine: Engine) -> Iterator[Connection]:
+    """A plain (deferred) transaction for consistent reads; never takes the SQLite write lock."""
+    with engine.connect() as connection, connection.begin():
+        yield connection
+
+
+# Which tables were already created through which engine, so "create on first use" costs one
+# round of checks per engine and process instead of one per call.
+_created_tables: weakref.WeakKeyDictionary[Engine, set[str]] = weakref.WeakKeyDictionary()
+_created_tables_lock = threading.Lock()
+
+
+def ensure_tables(engine: Engine, tables: Sequence[Table]) -> None:
+    """Create ``tables`` (and their indexes) if they do not exist yet; safe with concurrent processes."""
+    names = {table.name for table in tables}
+    with _created_tables_lock:
+        done = _created_tables.setdefault(engine, set())
+        if names <= done:
+            return
+    with write_transaction(engine) as connection:
+        if dialect_name(connection) == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_DDL_LOCK_KEY})
+        governance_metadata.create_all(connection, tables=list(tables), checkfirst=True)
+    with _created_tables_lock:
+        _created_tables.setdefault(engine, set()).update(names)
+
+
+def insert_if_missing(connection: Connection, table: Table, values: dict[str, Any]) -> None:
+    """INSERT a row unless one with the same primary key exists (no error, no overwrite).
+
+    Used to create per-key rows that are then locked with ``SELECT ... FOR UPDATE``: two processes may
+    race to create the same row and both must go on to lock it.
+    """
+    statement: Insert
+    if dialect_name(connection) == "postgresql":
+        statement = postgresql_insert(table).values(**values).on_conflict_do_nothing()
+    else:
+        statement = sqlite_insert(table).values(**values).on_conflict_do_nothing()
+    connection.execute(statement)

@@ -1,0 +1,181 @@
+"""The ``governed-ai`` command: policy check, audit tail/query/export/verify and budget status.
+
+``main([...])`` is called directly; the store is a real SQLite file filled through a real Governor (with a
+fake model call) and the real AuditStore.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from sqlalchemy import text
+
+from governed_ai.cli import main
+from governed_ai.core.audit import AuditStore
+from governed_ai.core.chat import ChatRequest, ChatResult, Usage
+from governed_ai.core.governor import GovernanceDenied, Governor
+from governed_ai.core.ledger import BudgetLedger
+from governed_ai.core.policy import PolicyProvider
+from governed_ai.core.pricing import PriceTable
+from governed_ai.core.sqlstore import create_store_engine
+from governed_ai.core.subject import Subject
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE_POLICY = REPO / "example_dags" / "policies" / "governance_policy.yaml"
+
+POLICY = """\
+version: 1
+rules:
+  - name: cli-rule
+    match: {dag_id: "cli_*"}
+    models:
+      - {connection: llm, model: good-model}
+budgets:
+  - name: cli-budget
+    scope: dag
+    match: {dag_id: "cli_*"}
+    period: day
+    max_tokens: 100000
+"""
+
+
+def fake_call(request: ChatRequest) -> ChatResult:
+    """Stands in for the model endpoint: 30 prompt + 12 completion tokens per call."""
+    return ChatResult(
+        content="ok", model=request.model, usage=Usage(prompt_tokens=30, completion_tokens=12),
+        cost_usd=0.0, latency_ms=1.0, attempts=1,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def store_url(tmp_path: Path) -> str:
+    """A store with 2 allowed calls and 1 denied one, written through a Governor."""
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    engine = create_store_engine(url)
+    governor = Governor(
+        policy=PolicyProvider(text=POLICY), ledger=BudgetLedger(engine), audit=AuditStore(engine)
+    )
+    subject = Subject(dag_id="cli_dag", task_id="ask", run_id="run-1")
+
+    def chat(model: str) -> None:
+        request = ChatRequest(messages=[{"role": "user", "content": "hi"}], model=model, max_tokens=20)
+        governor.chat(
+            subject, connection_id="llm", requested_model=model, request=request, call=fake_call,
+            prices=PriceTable(),
+        )  # fmt: skip
+
+    chat("good-model")
+    with pytest.raises(GovernanceDenied):
+        chat("bad-model")
+    chat("good-model")
+    engine.dispose()
+    return url
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_policy_check_accepts_the_example_policy(capsys):
+    code, out, _ = run(capsys, "policy", "check", str(EXAMPLE_POLICY))
+
+    # Counted independently of the policy loader (the example file grows with the examples).
+    raw = yaml.safe_load(EXAMPLE_POLICY.read_text())
+    assert code == 0
+    assert f"OK — {len(raw['rules'])} rule(s), {len(raw['budgets'])} budget(s)" in out
+
+
+def test_policy_check_rejects_a_broken_file_with_its_line(capsys, tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("version: 1\nrules:\n  - name: r\n    modles: []\n")
+
+    code, out, err = run(capsys, "policy", "check", str(broken))
+
+    assert code == 1
+    assert out == ""
+    assert str(broken) in err and "line 4" in err and "modles" in err
+
+
+def test_audit_tail_shows_the_newest_records_oldest_first(capsys, store_url):
+    code, out, _ = run(capsys, "--store-url", store_url, "audit", "tail", "-n", "2")
+
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 2
+    assert lines[0].split()[0] == "4" and "model.authorize" in lines[0]
+    assert lines[1].split()[0] == "5" and "model.call" in lines[1] and "tokens=42" in lines[1]
+
+
+def test_audit_query_filters_by_decision(capsys, store_url):
+    code, out, _ = run(capsys, "--store-url", store_url, "audit", "query", "--decision", "deny")
+
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 1
+    assert "model.authorize llm/bad-model deny" in lines[0]
+    assert "denied model 'bad-model'" in lines[0]
+
+
+def test_audit_query_filters_by_action(capsys, store_url):
+    code, out, _ = run(capsys, "--store-url", store_url, "audit", "query", "--action", "model.call")
+
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 2
+    assert all("model.call llm/good-model allow rule=cli-rule ok tokens=42" in line for line in lines)
+
+
+def test_audit_export_writes_jsonl(capsys, store_url, tmp_path):
+    target = tmp_path / "audit.jsonl"
+
+    code, out, _ = run(
+        capsys, "--store-url", store_url, "audit", "export", str(target), "--dag-id", "cli_dag"
+    )
+
+    assert code == 0 and "exported 5 record(s)" in out
+    records = [json.loads(line) for line in target.read_text().splitlines()]
+    assert [r["seq"] for r in records] == [1, 2, 3, 4, 5]
+    assert records[2]["decision"] == "deny" and len(records[2]["hash"]) == 64
+    assert records[1]["prev_hash"] == records[0]["hash"]
+
+
+def test_audit_verify_detects_a_tampered_row(capsys, store_url):
+    code, out, _ = run(capsys, "--store-url", store_url, "audit", "verify")
+    assert code == 0
+    assert json.loads(out)["ok"] is True and json.loads(out)["records_checked"] == 5
+
+    engine = create_store_engine(store_url)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE governed_ai_audit SET error = 'nothing to see' WHERE seq = 3"))
+    engine.dispose()
+
+    code, out, _ = run(capsys, "--store-url", store_url, "audit", "verify")
+    report = json.loads(out)
+    assert code == 1
+    assert report["ok"] is False and report["first_bad_seq"] == 3
+    assert "seq 3" in report["problem"]
+
+
+def test_budget_status_shows_spent_tokens(capsys, store_url):
+    code, out, _ = run(capsys, "--store-url", store_url, "budget", "status")
+
+    (line,) = out.splitlines()
+    assert code == 0
+    assert line.startswith("cli-budget [day ")
+    assert "84/100,000 tokens" in line and "reserved 0 tokens" in line
+
+
+def test_budget_status_on_an_empty_store(capsys, tmp_path):
+    code, out, _ = run(capsys, "--store-url", f"sqlite:///{tmp_path / 'empty.db'}", "budget", "status")
+
+    assert code == 0 and "no budget has been used yet" in out
+
+
+def test_store_url_falls_back_to_the_config_env_var(capsys, store_url, monkeypatch):
+    monkeypatch.setenv("AIRFLOW__GOVERNED_AI__STORE_URL", store_url)
+
+    code, out, _ = run(capsys, "audit", "query", "--decision", "deny")
+
+    assert code == 0 and len(out.splitlines()) == 1

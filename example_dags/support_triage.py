@@ -11,7 +11,6 @@ OpenAI-compatible endpoint by changing only the ``governed_ai_llm_default`` conn
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +18,7 @@ import pendulum
 from airflow.sdk import dag, task
 from pydantic import BaseModel, Field
 
+from governed_ai.core.paths import provider_home
 from governed_ai.operators.llm import LLMOperator
 
 DATA_FILE = Path(__file__).parent / "data" / "support_messages.jsonl"
@@ -40,8 +40,7 @@ SYSTEM_PROMPT = (
 
 
 def output_dir() -> Path:
-    home = Path(os.environ.get("AIRFLOW_HOME", Path.home() / "airflow"))
-    return home / "governed_ai" / "outputs" / "support_triage"
+    return provider_home() / "outputs" / "support_triage"
 
 
 @dag(

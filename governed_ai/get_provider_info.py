@@ -24,11 +24,24 @@ def get_provider_info() -> dict[str, Any]:
         "hooks": [
             {
                 "integration-name": "Governed AI",
-                "python-modules": ["governed_ai.hooks.llm", "governed_ai.hooks.governance"],
+                "python-modules": [
+                    "governed_ai.hooks.llm",
+                    "governed_ai.hooks.governance",
+                    "governed_ai.hooks.chroma",
+                ],
             }
         ],
         "operators": [
-            {"integration-name": "Governed AI", "python-modules": ["governed_ai.operators.llm"]},
+            {
+                "integration-name": "Governed AI",
+                "python-modules": ["governed_ai.operators.llm", "governed_ai.operators.chroma"],
+            },
+        ],
+        "sensors": [
+            {"integration-name": "Governed AI", "python-modules": ["governed_ai.sensors.chroma"]},
+        ],
+        "triggers": [
+            {"integration-name": "Governed AI", "python-modules": ["governed_ai.triggers.chroma"]},
         ],
         "config": {
             "governed_ai": {
@@ -107,6 +120,58 @@ def get_provider_info() -> dict[str, Any]:
                     "hidden-fields": ["schema", "port", "login"],
                     "relabeling": {"host": "Base URL", "password": "API key"},
                     "placeholders": {"host": "https://api.openai.com/v1"},
+                },
+            },
+            {
+                "hook-class-name": "governed_ai.hooks.chroma.ChromaHook",
+                "hook-name": "Governed AI: Chroma",
+                "connection-type": "governed_ai_chroma",
+                "conn-fields": {
+                    "path": {
+                        "label": "Embedded data directory",
+                        "schema": {"type": ["string", "null"]},
+                        "description": (
+                            "Used when Host is empty (embedded Chroma). "
+                            "Default: AIRFLOW_HOME/governed_ai/chroma."
+                        ),
+                    },
+                    "ssl": {"label": "Use TLS", "schema": {"type": ["boolean", "null"], "default": False}},
+                    "auth_header": {
+                        "label": "Token header",
+                        "schema": {
+                            "type": ["string", "null"],
+                            "enum": ["Authorization", "X-Chroma-Token"],
+                            "default": "Authorization",
+                        },
+                        "description": "How the token (password field) is sent to the Chroma server.",
+                    },
+                    "tenant": {"label": "Tenant", "schema": {"type": ["string", "null"]}},
+                    "embedding": {
+                        "label": "Embeddings",
+                        "schema": {
+                            "type": ["string", "null"],
+                            "enum": ["offline", "openai"],
+                            "default": "offline",
+                        },
+                        "description": (
+                            "offline: all-MiniLM-L6-v2 (ONNX, from PyPI, no network); openai: an "
+                            "OpenAI-compatible /v1/embeddings endpoint through an LLM connection."
+                        ),
+                    },
+                    "embedding_model": {
+                        "label": "Embedding model (openai)",
+                        "schema": {"type": ["string", "null"]},
+                        "description": "e.g. text-embedding-3-small",
+                    },
+                    "embedding_conn_id": {
+                        "label": "LLM connection for embeddings",
+                        "schema": {"type": ["string", "null"], "default": "governed_ai_llm_default"},
+                    },
+                },
+                "ui-field-behaviour": {
+                    "hidden-fields": ["login"],
+                    "relabeling": {"password": "Auth token", "schema": "Database"},
+                    "placeholders": {"host": "empty = embedded Chroma", "port": "8000"},
                 },
             },
             {

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The main demo: installs everything, starts the real local model, runs the nightly support-triage DAG
-# end to end with `airflow dags test`, prints what it produced, and stops what it started.
+# The main demo: installs everything, starts the real local model, runs the example DAGs (support triage,
+# governance showcase, knowledge-base ingest and answering) end to end with `airflow dags test`, prints what it produced, and stops what it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
@@ -27,7 +27,7 @@ run_dag() {
     exit 1
   fi
   echo "demo: $dag_id finished in $(( $(date +%s) - started )) s. From its task logs:"
-  grep -oE "model=[^ ]+ tokens=.* rule=[^ ]+|wrote [0-9]+ results.*|T-[0-9]{4}: .*|denied by governance: .{0,160}|[a-z_]+: [a-z.]+ [^ ]+ (allow|deny) rule=[^ ]+ outcome=[a-z]+|audit chain: .*" "$log" \
+  grep -oE "model=[^ ]+ tokens=.* rule=[^ ]+|wrote [0-9]+ results.*|T-[0-9]{4}: .*|Ingested [0-9]+ chunks[^[]*|Purged [0-9]+ chunk\(s\) from [a-z_]+|Q[0-9]: .*|denied by governance: .{0,160}|[a-z_]+: [a-z.]+ [^ ]+ (allow|deny) rule=[^ ]+ outcome=[a-z]+|audit chain: .*" "$log" \
     | grep -v '^denied by governance: {' | awk '!seen[$0]++' | cut -c1-220
 }
 
@@ -36,6 +36,8 @@ if [ "$#" -ge 1 ]; then
 else
   run_dag support_triage
   run_dag governance_showcase
+  run_dag kb_ingest
+  run_dag kb_answering
 fi
 echo
 echo "demo: governed-ai audit verify / budget status"

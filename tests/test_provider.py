@@ -21,7 +21,7 @@ def test_package_name_matches_distribution():
 
 def test_every_declared_module_and_hook_imports():
     info = get_provider_info()
-    for section in ("hooks", "operators"):
+    for section in ("hooks", "operators", "sensors", "triggers"):
         for entry in info[section]:
             for module in entry["python-modules"]:
                 importlib.import_module(module)
@@ -44,3 +44,14 @@ def test_airflow_providers_manager_sees_the_connection_form():
     ]
     behaviour = manager.field_behaviours["governed_ai_llm"]
     assert behaviour["relabeling"]["host"] == "Base URL"
+
+
+def test_chroma_connection_form_is_registered():
+    from airflow.providers_manager import ProvidersManager
+
+    manager = ProvidersManager()
+    assert manager.connection_form_widgets["extra__governed_ai_chroma__embedding"].field["schema"]["enum"] == [
+        "offline",
+        "openai",
+    ]
+    assert manager.field_behaviours["governed_ai_chroma"]["relabeling"]["password"] == "Auth token"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator
 
@@ -53,14 +53,26 @@ class LLMConnectionSettings(BaseModel):
     @classmethod
     def from_fields(cls, conn_id: str, fields: Mapping[str, Any]) -> LLMConnectionSettings:
         """Validate raw connection fields, turning pydantic's errors into one actionable message."""
-        try:
-            return cls.model_validate(dict(fields))
-        except ValidationError as err:
-            problems = "; ".join(
-                f"field '{'.'.join(str(p) for p in e['loc'])}': {e['msg']} (got {e.get('input')!r})"
-                for e in err.errors()
-            )
-            raise ConnectionConfigError(
-                f"LLM connection '{conn_id}' is misconfigured: {problems}. "
-                "Fix the connection's extra fields (Admin -> Connections, or the AIRFLOW_CONN_ variable)."
-            ) from None
+        return settings_from_fields(cls, "LLM", conn_id, fields)
+
+
+SettingsT = TypeVar("SettingsT", bound=BaseModel)
+
+
+def settings_from_fields(
+    model: type[SettingsT], kind: str, conn_id: str, fields: Mapping[str, Any]
+) -> SettingsT:
+    """``model`` validated from a connection's fields; errors name the connection, each field and the fix."""
+    try:
+        return model.model_validate(dict(fields))
+    except ValidationError as err:
+        problems = "; ".join(
+            f"field '{'.'.join(str(p) for p in e['loc'])}': {e['msg']} (got {e.get('input')!r})"
+            if e["loc"]
+            else str(e["msg"])  # a check across fields
+            for e in err.errors()
+        )
+        raise ConnectionConfigError(
+            f"{kind} connection '{conn_id}' is misconfigured: {problems}. "
+            "Fix the connection (Admin -> Connections, or the AIRFLOW_CONN_ variable)."
+        ) from None

@@ -6,8 +6,8 @@ import threading
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from airflow.exceptions import AirflowNotFoundException
 from airflow.sdk import BaseHook
+from airflow.sdk.exceptions import AirflowNotFoundException
 from pydantic import BaseModel, ConfigDict
 
 from governed_ai.core.audit import AuditStore

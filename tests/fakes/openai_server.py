@@ -7,6 +7,7 @@ HTTP stack, so retries, headers and error mapping are exercised. Tests against a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -28,6 +29,25 @@ class ScriptedReply:
     completion_tokens: int = 5
     finish_reason: str = "stop"
     delay_s: float = 0.0
+
+
+def fake_vector(text: str, dimensions: int = 8) -> list[float]:
+    """A deterministic, unnormalised stand-in vector for ``text`` (a fake, not an embedding model)."""
+    digest = hashlib.sha256(text.encode()).digest()
+    return [digest[i] - 128.0 for i in range(dimensions)]
+
+
+def fake_embeddings(body: dict[str, Any]) -> dict[str, Any]:
+    texts = body.get("input") or []
+    texts = [texts] if isinstance(texts, str) else texts
+    # Returned in reverse order on purpose: clients must sort by ``index``, as the API allows any order.
+    data = [{"object": "embedding", "index": i, "embedding": fake_vector(t)} for i, t in enumerate(texts)]
+    return {
+        "object": "list",
+        "data": data[::-1],
+        "model": body.get("model"),
+        "usage": {"prompt_tokens": len(texts), "total_tokens": len(texts)},
+    }
 
 
 class FakeOpenAIServer:
@@ -108,6 +128,9 @@ class FakeOpenAIServer:
                 with fake._lock:
                     fake.requests.append(body)
                     fake.paths.append(self.path)
+                if self.path.endswith("/embeddings"):
+                    self._send(200, json.dumps(fake_embeddings(body)).encode())
+                    return
                 reply = fake._next_reply()
                 if reply.delay_s:
                     time.sleep(reply.delay_s)

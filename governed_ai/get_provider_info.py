@@ -34,7 +34,11 @@ def get_provider_info() -> dict[str, Any]:
         "operators": [
             {
                 "integration-name": "Governed AI",
-                "python-modules": ["governed_ai.operators.llm", "governed_ai.operators.chroma"],
+                "python-modules": [
+                    "governed_ai.operators.llm",
+                    "governed_ai.operators.chroma",
+                    "governed_ai.operators.quality",
+                ],
             },
         ],
         "sensors": [

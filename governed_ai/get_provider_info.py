@@ -38,6 +38,8 @@ def get_provider_info() -> dict[str, Any]:
                     "governed_ai.operators.llm",
                     "governed_ai.operators.chroma",
                     "governed_ai.operators.quality",
+                    "governed_ai.operators.tool",
+                    "governed_ai.operators.agent",
                 ],
             },
         ],

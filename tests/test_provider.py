@@ -50,8 +50,6 @@ def test_chroma_connection_form_is_registered():
     from airflow.providers_manager import ProvidersManager
 
     manager = ProvidersManager()
-    assert manager.connection_form_widgets["extra__governed_ai_chroma__embedding"].field["schema"]["enum"] == [
-        "offline",
-        "openai",
-    ]
+    embedding = manager.connection_form_widgets["extra__governed_ai_chroma__embedding"]
+    assert embedding.field["schema"]["enum"] == ["offline", "openai"]
     assert manager.field_behaviours["governed_ai_chroma"]["relabeling"]["password"] == "Auth token"

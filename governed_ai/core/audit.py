@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import threading
@@ -22,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Literal, Self
+from typing import IO, Any, Literal, Protocol, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import (
@@ -58,6 +59,7 @@ from governed_ai.core.subject import Subject
 #: ``prev_hash`` of the first record of a chain.
 GENESIS_HASH = "0" * 64
 # "extra" is for small structured context, not payloads: keep rows small and exports readable.
+logger = logging.getLogger(__name__)
 MAX_EXTRA_BYTES = 16_384
 _VERIFY_CHUNK = 2_000
 _EXPORT_CHUNK = 1_000
@@ -105,6 +107,12 @@ audit_head_table = Table(
 )
 
 _AUDIT_TABLES = (audit_table, audit_head_table)
+
+
+class AuditObserver(Protocol):
+    """Called with records right after they are stored (metrics, trace spans)."""
+
+    def __call__(self, records: Sequence[AuditRecord]) -> None: ...
 
 
 class AuditRecord(BaseModel):
@@ -224,9 +232,15 @@ class AuditStore:
     There are deliberately no update or delete methods.
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, observers: Sequence[AuditObserver] = ()) -> None:
         self._engine = engine
+        self.observers: list[AuditObserver] = list(observers)
         ensure_tables(engine, _AUDIT_TABLES)
+
+    @property
+    def engine(self) -> Engine:
+        """The governance store's engine (the replay journal lives in the same database)."""
+        return self._engine
 
     # -- writing ----------------------------------------------------------------------------------
 
@@ -267,7 +281,17 @@ class AuditStore:
                 .where(audit_head_table.c.id == _HEAD_ID)
                 .values(seq=seq, hash=prev_hash)
             )
+        self._notify(batch)
         return stored
+
+    def _notify(self, records: list[AuditRecord]) -> None:
+        # After the commit: observers see only what is really in the trail, and their failures (a metrics
+        # backend down, a tracing bug) must never undo or fail the governed action.
+        for observer in self.observers:
+            try:
+                observer(records)
+            except Exception:
+                logger.warning("audit observer %r failed; continuing", observer, exc_info=True)
 
     @staticmethod
     def _lock_head(connection: Connection) -> tuple[int, str]:

@@ -118,6 +118,11 @@ class Governor:
 
     def enforce(self, subject: Subject, decision: Decision, **audit_fields: Any) -> Decision:
         """Audit a decision; raise :class:`GovernanceDenied` if it is a denial."""
+        reason = decision.reason
+        if not decision.allowed:
+            # A denial's reason may quote the offending value (a tool argument, a card number): redact it
+            # before it reaches the audit trail, the exception and the task log.
+            reason, _ = self.redact_text(reason, decision.redaction)
         self.record(
             AuditRecord.for_subject(
                 subject,
@@ -126,13 +131,13 @@ class Governor:
                 decision="allow" if decision.allowed else "deny",
                 rule=decision.rule,
                 outcome="ok" if decision.allowed else "denied",
-                error=None if decision.allowed else decision.reason,
+                error=None if decision.allowed else reason,
                 extra={"policy_digest": decision.policy_digest[:16]},
                 **audit_fields,
             )
         )
         if not decision.allowed:
-            raise GovernanceDenied(decision.reason, action=decision.action, resource=decision.resource)
+            raise GovernanceDenied(reason, action=decision.action, resource=decision.resource)
         return decision
 
     def budget_keys(self, subject: Subject) -> list[BudgetKey]:

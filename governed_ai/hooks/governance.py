@@ -18,6 +18,7 @@ from governed_ai.core.policy import PolicyEngine, PolicyProvider
 from governed_ai.core.sqlstore import create_store_engine
 from governed_ai.core.subject import Subject
 from governed_ai.hooks.connection_fields import extra_fields
+from governed_ai.hooks.observers import default_observers
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -109,7 +110,10 @@ class GovernanceHook(BaseHook):
                     policy = FixedPolicy(PolicyEngine.deny_all(NO_POLICY, source="<no policy configured>"))
                 engine = create_store_engine(store_url)
                 _GOVERNORS[key] = Governor(
-                    policy=policy, ledger=BudgetLedger(engine), audit=AuditStore(engine), mask=_airflow_mask
+                    policy=policy,
+                    ledger=BudgetLedger(engine),
+                    audit=AuditStore(engine, observers=default_observers()),
+                    mask=_airflow_mask,
                 )
             return _GOVERNORS[key]
 

@@ -80,6 +80,13 @@ class LLMHook(BaseHook):
     def async_client(self) -> AsyncOpenAI:
         return openai.AsyncOpenAI(**self._client_kwargs())
 
+    def new_async_client(self, *, max_retries: int | None = None) -> AsyncOpenAI:
+        """A fresh async client (batch work retries per item itself, so it passes ``max_retries=0``)."""
+        kwargs = self._client_kwargs()
+        if max_retries is not None:
+            kwargs["max_retries"] = max_retries
+        return openai.AsyncOpenAI(**kwargs)
+
     def get_conn(self) -> OpenAI:
         return self.client
 

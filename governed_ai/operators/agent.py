@@ -32,6 +32,7 @@ from governed_ai.core.tools import (
 from governed_ai.core.untrusted import UntrustedText
 from governed_ai.hooks.governance import GovernanceHook
 from governed_ai.hooks.llm import LLMCallError, LLMHook, ModelNotServed
+from governed_ai.operators.lineage import operator_lineage
 from governed_ai.operators.tool import replay_journal, resolve_tools
 
 if TYPE_CHECKING:
@@ -244,7 +245,36 @@ class AgentOperator(BaseOperator):
             )
         data = result.to_xcom()
         data["withheld_tools"] = withheld
+        self._lineage_result = result
         return data
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        result = getattr(self, "_lineage_result", None)
+        if result is None:
+            return None
+        model = self.model or self.hook.settings.default_model or "default"
+
+        def build(ol: Any, _: Any) -> tuple[list[Any], list[Any], Any]:
+            used = sorted({e.tool for e in result.transcript if e.tool and e.decision == "allowed"})
+            denied = sorted({e.tool for e in result.transcript if e.tool and e.decision == "denied"})
+            facet = ol.GovernedAIRunFacet(
+                operation="agent",
+                model=model,
+                calls=result.steps,
+                promptTokens=result.usage.prompt_tokens,
+                completionTokens=result.usage.completion_tokens,
+                costUsd=result.cost_usd,
+                policyDecision="allow",
+                details={
+                    "stop_reason": result.stop_reason,
+                    "tools_used": used,
+                    "tools_denied": denied,
+                    "tool_calls": result.tool_calls,
+                },
+            )
+            return [ol.model_input(self.hook.settings.base_url, model)], [], facet
+
+        return operator_lineage(build)
 
     def _log_result(self, result: AgentResult) -> None:
         for entry in result.transcript:

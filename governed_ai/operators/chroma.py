@@ -22,6 +22,7 @@ from governed_ai.core.retrieval.documents import SourceDocument
 from governed_ai.core.retrieval.governed import GovernedRetrieval, IngestProgress, PurgeRequest
 from governed_ai.hooks.chroma import ChromaHook
 from governed_ai.hooks.governance import GovernanceHook
+from governed_ai.operators.lineage import operator_lineage
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -62,6 +63,20 @@ class _GovernedChromaOperator(BaseOperator):
     @cached_property
     def retrieval(self) -> GovernedRetrieval:
         return GovernedRetrieval(self.governance.governor, self.chroma.store)
+
+    def _namespace(self, ol: Any) -> str:
+        s = self.chroma.settings
+        return str(ol.collection_namespace(s.host, s.port, s.path))
+
+    def _facet(self, ol: Any, operation: str, **details: Any) -> Any:
+        retrieved = details.pop("retrieved_ids", [])
+        return ol.GovernedAIRunFacet(
+            operation=operation,
+            model=self.chroma.embedding_function.model_id,
+            retrievedIds=retrieved,
+            policyDecision="allow",
+            details=details,
+        )
 
     def _fail_permanently(self, error: Exception) -> AirflowFailException:
         what = "denied by governance" if isinstance(error, GovernanceDenied) else "cannot run"
@@ -225,7 +240,22 @@ class ChromaIngestOperator(_GovernedChromaOperator):
             report.collection_count,
             report.redactions,
         )
+        self._report = report
         return report.to_xcom()
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        report = getattr(self, "_report", None)
+        paths = [self.paths] if isinstance(self.paths, str) else list(self.paths or [])
+
+        def build(ol: Any, _: Any) -> tuple[list[Any], list[Any], Any]:
+            inputs = [
+                ol.file_input(str(p) if "://" in str(p) else str(Path(str(p)).resolve())) for p in paths
+            ]
+            outputs = [ol.collection_output(self._namespace(ol), self.collection)]
+            details = {} if report is None else {"chunks": report.chunks, "new_chunks": report.new_chunks}
+            return inputs, outputs, self._facet(ol, "ingest", **details)
+
+        return operator_lineage(build)
 
 
 class ChromaQueryOperator(_GovernedChromaOperator):
@@ -307,8 +337,18 @@ class ChromaQueryOperator(_GovernedChromaOperator):
                 len(result.contexts),
                 [(c.id[:12], c.score) for c in result.contexts],
             )
+        self._retrieved = [c.id for r in results for c in r.contexts]
         payload = [r.to_xcom() for r in results]
         return payload[0] if single else payload
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        retrieved = list(getattr(self, "_retrieved", []))
+
+        def build(ol: Any, _: Any) -> tuple[list[Any], list[Any], Any]:
+            inputs = [ol.collection_input(self._namespace(ol), self.collection)]
+            return inputs, [], self._facet(ol, "retrieval", retrieved_ids=retrieved)
+
+        return operator_lineage(build)
 
 
 class ChromaPurgeOperator(_GovernedChromaOperator):
@@ -382,7 +422,17 @@ class ChromaPurgeOperator(_GovernedChromaOperator):
             request.describe(),
             remaining,
         )
+        self._deleted = deleted
         return {"collection": self.collection, "deleted": deleted, "collection_count": remaining}
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        deleted = getattr(self, "_deleted", None)
+
+        def build(ol: Any, _: Any) -> tuple[list[Any], list[Any], Any]:
+            outputs = [ol.collection_output(self._namespace(ol), self.collection)]
+            return [], outputs, self._facet(ol, "purge", deleted=deleted)
+
+        return operator_lineage(build)
 
 
 def as_datetime(task_id: str, value: datetime | str) -> datetime:

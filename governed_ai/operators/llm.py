@@ -16,6 +16,7 @@ from governed_ai.core.prompt_version import prompt_version
 from governed_ai.core.structured_output import ensure_schema_model
 from governed_ai.hooks.governance import GovernanceHook
 from governed_ai.hooks.llm import LLMCallError, LLMHook, ModelNotServed
+from governed_ai.operators.lineage import operator_lineage
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -160,7 +161,45 @@ class LLMOperator(BaseOperator):
             result.attempts,
             governed.rule,
         )
+        self._lineage_facts = {
+            "model": result.model,
+            "rule": governed.rule,
+            "prompt_tokens": result.usage.prompt_tokens,
+            "completion_tokens": result.usage.completion_tokens,
+            "cost_usd": result.cost_usd,
+            "latency_ms": result.latency_ms,
+            "fallbacks": list(governed.fallbacks_tried),
+        }
         return governed.to_xcom()
+
+    def get_openlineage_facets_on_start(self) -> Any:
+        model = self.model or self.hook.settings.default_model or "default"
+        return operator_lineage(
+            lambda ol, _: ([ol.model_input(self.hook.settings.base_url, model)], [], None)
+        )
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        facts = getattr(self, "_lineage_facts", None)
+        if facts is None:
+            return self.get_openlineage_facets_on_start()
+
+        def build(ol: Any, _: Any) -> tuple[list[Any], list[Any], Any]:
+            facet = ol.GovernedAIRunFacet(
+                operation="chat",
+                model=facts["model"],
+                promptVersion=self.prompt_version_id,
+                calls=1,
+                promptTokens=facts["prompt_tokens"],
+                completionTokens=facts["completion_tokens"],
+                costUsd=facts["cost_usd"],
+                latencyMs=facts["latency_ms"],
+                policyRule=facts["rule"],
+                policyDecision="allow",
+                details={"fallbacks_tried": facts["fallbacks"]},
+            )
+            return [ol.model_input(self.hook.settings.base_url, facts["model"])], [], facet
+
+        return operator_lineage(build)
 
     def _call_model(self, request: ChatRequest) -> ChatResult:
         """The one place the endpoint is called; endpoint failures let governance try a fallback model."""

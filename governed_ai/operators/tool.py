@@ -25,6 +25,7 @@ from governed_ai.core.tools import (
     default_registry,
 )
 from governed_ai.hooks.governance import GovernanceHook
+from governed_ai.operators.lineage import operator_lineage
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -153,6 +154,12 @@ class ToolOperator(BaseOperator):
             done.rule,
             done.idempotency_key_sha256[:16],
         )
+        self._lineage_facts = {
+            "tool": done.tool,
+            "replayed": done.replayed,
+            "rule": done.rule,
+            "duration_ms": done.duration_ms,
+        }
         return {
             "tool": done.tool,
             "result": done.result,
@@ -162,3 +169,21 @@ class ToolOperator(BaseOperator):
             "duration_ms": done.duration_ms,
             "redactions": done.redactions,
         }
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        facts = getattr(self, "_lineage_facts", None)
+        if facts is None:
+            return None
+
+        def build(ol: Any, _: Any) -> tuple[list[Any], list[Any], Any]:
+            facet = ol.GovernedAIRunFacet(
+                operation="tool",
+                calls=0 if facts["replayed"] else 1,
+                latencyMs=facts["duration_ms"],
+                policyRule=facts["rule"],
+                policyDecision="allow",
+                details={"tool": facts["tool"], "replayed": facts["replayed"]},
+            )
+            return [], [], facet
+
+        return operator_lineage(build)

@@ -409,3 +409,16 @@ def test_audit_chain_verifies_after_a_mix_of_calls(make):
     assert actions.count("model.call") == 3
     assert actions.count("budget.deny") == 1
     assert verification.records_checked == len(actions) == 9
+
+
+def test_denial_reasons_quoting_argument_values_are_redacted(make):
+    tools = RULES + "    tools:\n      - name: refund\n        args:\n          note: {regex: \"[a-z]+\"}\n"
+    setup = make("version: 1\n" + tools)
+    engine = setup.governor.engine()
+    decision = engine.authorize_tool(SUBJECT, "refund", {"note": f"card {CARD} mail {EMAIL}"})
+    assert not decision.allowed and CARD in decision.reason  # the engine quotes the value ...
+    with pytest.raises(GovernanceDenied) as denied:
+        setup.governor.enforce(SUBJECT, decision)
+    (record,) = setup.records("tool.authorize")
+    for text in (str(denied.value), record.error or ""):  # ... governance never passes it on
+        assert CARD not in text and EMAIL not in text

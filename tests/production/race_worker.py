@@ -24,7 +24,9 @@ DOCUMENTS = [
 
 def context(name: str, task_id: str) -> dict:
     """The task identity governance reads (a named fake: the worker calls ``execute`` directly)."""
-    ti = SimpleNamespace(dag_id="race_dag", task_id=task_id, run_id="scheduled__race", try_number=1, map_index=-1)
+    ti = SimpleNamespace(
+        dag_id="race_dag", task_id=task_id, run_id="scheduled__race", try_number=1, map_index=-1
+    )
     return {"ti": ti, "task": SimpleNamespace(owner=name), "dag": SimpleNamespace(tags=())}
 
 
@@ -36,7 +38,9 @@ def main() -> None:
     report = ingest.execute(context(name, "ingest"))
     calls, tokens, denied = 0, 0, None
     while denied is None and calls < 500:
-        op = LLMOperator(task_id="enrich", prompt=f"item {calls} from {name}", model="fake-model", max_tokens=20)
+        op = LLMOperator(
+            task_id="enrich", prompt=f"item {calls} from {name}", model="fake-model", max_tokens=20
+        )
         try:
             result = op.execute(context(name, "enrich"))
         except AirflowFailException as error:

@@ -48,7 +48,9 @@ def test_two_workers_never_overspend_or_duplicate(tmp_path):
         store_url = postgres.create_database("race")
         policy = tmp_path / "policy.yaml"
         policy.write_text(POLICY)
-        with FakeOpenAIServer(default=ScriptedReply(content="ok", prompt_tokens=10, completion_tokens=5)) as llm:
+        with FakeOpenAIServer(
+            default=ScriptedReply(content="ok", prompt_tokens=10, completion_tokens=5)
+        ) as llm:
             env = {
                 **os.environ,
                 "PYTHONPATH": str(REPO),

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests need (the same pinned venv as the demo, plus a PostgreSQL
-# server binary for the governance store tests), then lints, type-checks and runs the whole suite,
+# server binary for the governance store tests, Chromium for the UI browser test), then lints, type-checks and runs the whole suite,
 # including the tests against the real local model, real Chroma, real Great Expectations and Airflow.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +11,15 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
   else
     echo "test: PostgreSQL server binaries are missing; install them: sudo apt-get install postgresql" >&2
+    exit 1
+  fi
+fi
+if ! command -v chromium >/dev/null 2>&1 || [ ! -x /usr/bin/chromedriver ]; then
+  echo "test: installing Chromium and its driver (Debian packages) for the UI browser test"
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  else
+    echo "test: chromium/chromium-driver are missing; install them: sudo apt-get install chromium chromium-driver" >&2
     exit 1
   fi
 fi

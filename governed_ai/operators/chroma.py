@@ -23,6 +23,7 @@ from governed_ai.core.retrieval.governed import GovernedRetrieval, IngestProgres
 from governed_ai.hooks.chroma import ChromaHook
 from governed_ai.hooks.governance import GovernanceHook
 from governed_ai.operators.lineage import operator_lineage
+from governed_ai.plugins.links import AuditRecordsLink
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -36,6 +37,8 @@ _PERMANENT = (GovernanceDenied, EmbeddingModelMismatch, CollectionNotFound)
 
 class _GovernedChromaOperator(BaseOperator):
     """Shared wiring: the Chroma hook, the governance hook and the governed store they make together."""
+
+    operator_extra_links = (AuditRecordsLink(),)
 
     def __init__(
         self,

@@ -17,6 +17,7 @@ from governed_ai.core.structured_output import ensure_schema_model
 from governed_ai.hooks.governance import GovernanceHook
 from governed_ai.hooks.llm import LLMCallError, LLMHook, ModelNotServed
 from governed_ai.operators.lineage import operator_lineage
+from governed_ai.plugins.links import AuditRecordsLink
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -54,6 +55,8 @@ class LLMOperator(BaseOperator):
     :param governance_conn_id: Connection of type ``governed_ai_governance``; optional when the
         ``[governed_ai]`` config section names the policy.
     """
+
+    operator_extra_links = (AuditRecordsLink(),)
 
     template_fields: Sequence[str] = ("prompt", "system_prompt", "messages", "model")
     template_fields_renderers = {"prompt": "md", "system_prompt": "md", "messages": "json"}

@@ -28,6 +28,7 @@ from governed_ai.core.validation.rows import (
 from governed_ai.core.validation.runner import ValidationRunError, run_suite
 from governed_ai.core.validation.suite import SuiteSpecError, ValidationSuite
 from governed_ai.hooks.governance import GovernanceHook
+from governed_ai.plugins.links import AuditRecordsLink
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -91,6 +92,8 @@ class LLMOutputQualityOperator(BaseOperator):
     :param governance_conn_id: Connection of type ``governed_ai_governance``; optional when the
         ``[governed_ai]`` config section names the policy.
     """
+
+    operator_extra_links = (AuditRecordsLink(),)
 
     template_fields: Sequence[str] = (
         "suite",

@@ -26,6 +26,7 @@ from governed_ai.core.tools import (
 )
 from governed_ai.hooks.governance import GovernanceHook
 from governed_ai.operators.lineage import operator_lineage
+from governed_ai.plugins.links import AuditRecordsLink
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -98,6 +99,8 @@ class ToolOperator(BaseOperator):
     :param governance_conn_id: Connection of type ``governed_ai_governance``; optional when the
         ``[governed_ai]`` config section names the policy.
     """
+
+    operator_extra_links = (AuditRecordsLink(),)
 
     template_fields: Sequence[str] = ("arguments",)
     template_fields_renderers = {"arguments": "json"}

@@ -1,0 +1,145 @@
+"""Fixtures for the plugin tests: Airflow's real auth manager with tokens, and a filled governance store."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine
+
+from governed_ai.core.audit import AuditStore
+from governed_ai.core.chat import ChatRequest, ChatResult, Usage
+from governed_ai.core.governor import GovernanceDenied, Governor
+from governed_ai.core.ledger import BudgetLedger
+from governed_ai.core.policy import PolicyProvider
+from governed_ai.core.pricing import PriceTable
+from governed_ai.core.sqlstore import create_store_engine
+from governed_ai.core.subject import Subject
+
+PRICES = PriceTable.from_mapping({"*": {"input_per_1m_tokens": 3.0, "output_per_1m_tokens": 15.0}})
+POLICY = """
+version: 1
+rules:
+  - name: api-rule
+    match: {dag_id: "api_*"}
+    models:
+      - {connection: llm, model: small}
+budgets:
+  - name: api-per-run
+    scope: dag
+    match: {dag_id: "api_*"}
+    period: run
+    max_tokens: 300
+  - name: api-daily
+    scope: global
+    period: day
+    max_cost_usd: 1.0
+"""
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """JWTs issued by Airflow's real (simple) auth manager for users with different roles."""
+
+    admin: str
+    viewer: str
+    no_role: str
+
+
+@pytest.fixture(scope="session")
+def auth_tokens(airflow_db: Path) -> Tokens:
+    """Initialises Airflow's configured auth manager (SimpleAuthManager) the way the API server does."""
+    from airflow.api_fastapi.app import init_auth_manager
+    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+
+    manager = init_auth_manager()
+    return Tokens(
+        admin=manager.generate_jwt(SimpleAuthManagerUser(username="admin", role="admin")),
+        viewer=manager.generate_jwt(SimpleAuthManagerUser(username="ada", role="viewer")),
+        no_role=manager.generate_jwt(SimpleAuthManagerUser(username="nobody", role=None)),
+    )
+
+
+@dataclass
+class ScriptedModel:
+    """A named fake of the model endpoint: fixed usage, the next scripted latency."""
+
+    latencies: list[float]
+    prompt_tokens: int = 40
+    completion_tokens: int = 9
+    requests: list[ChatRequest] = field(default_factory=list)
+
+    def __call__(self, request: ChatRequest) -> ChatResult:
+        self.requests.append(request)
+        return ChatResult(
+            content="fine",
+            model=request.model,
+            usage=Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens),
+            cost_usd=PRICES.cost(request.model, self.prompt_tokens, self.completion_tokens),
+            latency_ms=self.latencies.pop(0),
+            attempts=1,
+        )
+
+
+@dataclass
+class FilledStore:
+    url: str
+    engine: Engine
+    audit: AuditStore
+    ledger: BudgetLedger
+
+
+def governed_call(
+    governor: Governor, subject: Subject, model: str, fake: ScriptedModel, max_tokens: int
+) -> None:
+    request = ChatRequest(messages=[{"role": "user", "content": "hi"}], model=model, max_tokens=max_tokens)
+    with contextlib.suppress(GovernanceDenied):  # denials are part of the activity the API reports
+        governor.chat(
+            subject, connection_id="llm", requested_model=model, request=request, call=fake, prices=PRICES
+        )
+
+
+@pytest.fixture
+def filled_store(tmp_path: Path) -> Iterator[FilledStore]:
+    """A SQLite governance store filled through the real Governor: two runs with allowed calls, a model
+    no rule grants and a call the per-run budget stops."""
+    url = f"sqlite:///{tmp_path / 'governance.db'}"
+    engine = create_store_engine(url)
+    audit, ledger = AuditStore(engine), BudgetLedger(engine)
+    governor = Governor(policy=PolicyProvider(text=POLICY), ledger=ledger, audit=audit)
+    fake = ScriptedModel(latencies=[30.0, 10.0, 20.0, 60.0])
+    run_1 = Subject(dag_id="api_a", task_id="ask", run_id="run-1")
+    for _ in range(3):
+        governed_call(governor, run_1, "small", fake, max_tokens=20)
+    governed_call(governor, run_1.model_copy(update={"task_id": "sneaky"}), "gpt-4o", fake, max_tokens=20)
+    governed_call(governor, run_1.model_copy(update={"task_id": "greedy"}), "small", fake, max_tokens=290)
+    governed_call(
+        governor, Subject(dag_id="api_b", task_id="ask", run_id="run-2"), "small", fake, max_tokens=20
+    )
+    yield FilledStore(url=url, engine=engine, audit=audit, ledger=ledger)
+    engine.dispose()
+
+
+@pytest.fixture
+def make_client(auth_tokens: Tokens) -> Callable[..., Any]:
+    """A TestClient on the plugin's app over ``store_url``, authenticated as ``role`` (None: anonymous)."""
+    from fastapi.testclient import TestClient
+
+    from governed_ai.plugins.api import create_app
+
+    def make(
+        store_url: str | None, role: str | None = "admin", *, via_cookie: bool = False, **app_kwargs: Any
+    ):
+        app = create_app(store_url, **app_kwargs)
+        token = None if role is None else getattr(auth_tokens, role)
+        if token is None:
+            return TestClient(app)
+        if via_cookie:
+            return TestClient(app, cookies={"_token": token})
+        return TestClient(app, headers={"Authorization": f"Bearer {token}"})
+
+    return make

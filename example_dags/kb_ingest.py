@@ -30,6 +30,7 @@ KB_ASSET = Asset(f"chroma://{COLLECTION}")
     schedule="@daily",
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
+    max_active_runs=1,  # one run at a time: runs of this job share state (files, a collection, a budget)
     tags=["governed-ai", "rag", "example"],
     default_args={"owner": "ai-platform", "retries": 1},
     doc_md=__doc__,

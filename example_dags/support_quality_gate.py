@@ -25,11 +25,10 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pendulum
 from airflow.sdk import dag, task
-from pydantic import BaseModel, Field
 
 from governed_ai.core.paths import provider_home
 from governed_ai.core.validation import (
@@ -46,23 +45,10 @@ from governed_ai.core.validation import (
 from governed_ai.operators.llm import LLMOperator
 from governed_ai.operators.quality import LLMOutputQualityOperator
 
-DATA_FILE = Path(__file__).parent / "data" / "support_messages.jsonl"
-
-
-# The same shape as support_triage's TicketClassification; defined here rather than imported because
-# importing another DAG file would register its DAG a second time.
-class TicketClassification(BaseModel):
-    """What the triage team needs first: is the customer unhappy, and what is it about."""
-
-    sentiment: Literal["negative", "positive"] = Field(description="is the customer unhappy or happy")
-    summary: str = Field(max_length=160, description="the ticket in a few words")
-
-
-# Measured with SmolLM2-135M in support_triage: a short, direct instruction works best.
-SYSTEM_PROMPT = (
-    "You read customer support tickets. Is the customer unhappy (negative) or happy (positive)? "
-    "Then summarise the ticket in a few words."
-)
+try:
+    from support_common import DATA_FILE, SYSTEM_PROMPT, TicketClassification, read_tickets
+except ImportError:  # imported from the repository root (tests, IDEs)
+    from example_dags.support_common import DATA_FILE, SYSTEM_PROMPT, TicketClassification, read_tickets
 
 SUITE = ValidationSuite(
     name="support_ticket_classification",
@@ -98,7 +84,7 @@ def _file_stem(run_id: str) -> str:
 def support_quality_gate() -> None:
     @task
     def load_tickets() -> list[dict[str, str]]:
-        tickets = [json.loads(line) for line in DATA_FILE.read_text().splitlines() if line.strip()]
+        tickets = read_tickets()
         print(f"loaded {len(tickets)} tickets from {DATA_FILE.name}")
         return tickets
 

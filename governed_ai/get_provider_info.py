@@ -40,6 +40,7 @@ def get_provider_info() -> dict[str, Any]:
                     "governed_ai.operators.quality",
                     "governed_ai.operators.tool",
                     "governed_ai.operators.agent",
+                    "governed_ai.operators.batch",
                 ],
             },
         ],

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The main demo: installs everything, starts the real local model, runs the example DAGs (support triage,
-# governance showcase, knowledge-base ingest and answering) end to end with `airflow dags test`, prints what it produced, and stops what it started.
+# The main demo: installs everything, starts the real local model, runs the example DAGs end to end with
+# `airflow dags test` (the knowledge base, the flagship support triage, RAG answering, the order agent,
+# budget-capped enrichment, the governance showcase), prints what they produced, and stops what it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
@@ -27,17 +28,19 @@ run_dag() {
     exit 1
   fi
   echo "demo: $dag_id finished in $(( $(date +%s) - started )) s. From its task logs:"
-  grep -oE "model=[^ ]+ tokens=.* rule=[^ ]+|wrote [0-9]+ results.*|T-[0-9]{4}: .*|Ingested [0-9]+ chunks[^[]*|Purged [0-9]+ chunk\(s\) from [a-z_]+|Q[0-9]: .*|denied by governance: .{0,160}|[a-z_]+: [a-z.]+ [^ ]+ (allow|deny) rule=[^ ]+ outcome=[a-z]+|audit chain: .*" "$log" \
+  grep -oE "model=[^ ]+ tokens=.* rule=[^ ]+|wrote [0-9]+ results.*|T-[0-9]{4}: .*|Ingested [0-9]+ chunks[^[]*|Purged [0-9]+ chunk\(s\) from [a-z_]+|Q[0-9]: .*|[0-9]+/[0-9]+ items done: [^[]*|enriched [0-9]+ products.*|stopped by the daily budget.{0,60}|[0-9]+ rows passed.*|denied by governance: .{0,160}|[a-z_]+: [a-z.]+ [^ ]+ (allow|deny) rule=[^ ]+ outcome=[a-z]+|audit chain: .*" "$log" \
     | grep -v '^denied by governance: {' | awk '!seen[$0]++' | cut -c1-220
 }
 
 if [ "$#" -ge 1 ]; then
   run_dag "$DAG_ID"
 else
-  run_dag support_triage
-  run_dag governance_showcase
-  run_dag kb_ingest
+  run_dag kb_ingest            # the knowledge base the triage job's sensor waits for
+  run_dag support_triage       # the flagship: retrieve, classify in one batch, quality gate, write
   run_dag kb_answering
+  run_dag order_agent
+  run_dag catalog_enrichment
+  run_dag governance_showcase
 fi
 echo
 echo "demo: governed-ai audit verify / budget status"

@@ -146,3 +146,27 @@ def test_airflow_emits_the_facets_during_a_dag_run(tmp_path):
     facet = complete[0]["run"]["facets"]["governedAi"]
     assert facet["operation"] == "ingest" and facet["details"]["chunks"] == 5
     assert complete[0]["outputs"][0]["name"] == "kb_support"
+
+
+def test_batch_lineage_names_the_model_the_input_and_the_results_file(env, monkeypatch, tmp_path):
+    from governed_ai.operators.batch import LLMBatchOperator
+
+    items = tmp_path / "tickets.jsonl"
+    items.write_text("".join(json.dumps({"id": f"t{i}", "text": f"ticket {i}"}) + "\n" for i in range(3)))
+    with FakeOpenAIServer(default=ScriptedReply(content="fine")) as server:
+        monkeypatch.setenv("AIRFLOW_CONN_GOVERNED_AI_LLM_DEFAULT", server.connection_json())
+        op = LLMBatchOperator(
+            task_id="task",
+            input_path=str(items),
+            key_field="id",
+            prompt_template="{{ item.text }}",
+            model="fake-model",
+            output_path=str(tmp_path / "out.jsonl"),
+        )
+        op.execute(fake_context("lineage_dag", "task"))
+    event = emit_and_read(op.get_openlineage_facets_on_complete(None), tmp_path)
+    assert [i["name"] for i in event["inputs"]] == ["fake-model", str(items)]
+    assert event["outputs"][0]["name"] == str(tmp_path / "out.jsonl")
+    facet = event["run"]["facets"]["governedAi"]
+    assert facet["operation"] == "batch_chat" and facet["details"]["ok"] == 3
+    validate_facet(facet)

@@ -29,6 +29,11 @@ def rows_from_value(value: Any, *, what: str = "rows") -> list[dict[str, Any]]:
     if isinstance(value, Mapping):
         if is_manifest(value):
             return read_rows_file(value["path"])
+        # An LLMBatchOperator result: its rows inline, or the file it wrote them to.
+        if isinstance(value.get("results"), list):
+            return rows_from_value(value["results"], what=what)
+        if isinstance(value.get("results_path"), str):
+            return read_rows_file(value["results_path"])
         raise RowsError(f"'{what}' is a single dict; give a list of dicts (one per model output)")
     if value is None or isinstance(value, bytes) or not isinstance(value, Iterable):
         raise RowsError(f"'{what}' must be a list of dicts, got {type(value).__name__}")
@@ -83,7 +88,7 @@ def read_rows_file(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 def rows_from_llm_results(results: Any, *, what: str = "rows") -> list[dict[str, Any]]:
-    """Rows from ``LLMOperator`` XCom results: ``{"content": <reply text>, **<parsed output fields>}``.
+    """Rows from ``LLMOperator`` or ``LLMBatchOperator`` results: ``{"content": <reply>, **<output>}``.
 
     The reply text stays available as ``content``; with an ``output_schema`` the parsed fields sit next
     to it (a field called ``content`` in the schema wins over the reply text).
@@ -91,6 +96,10 @@ def rows_from_llm_results(results: Any, *, what: str = "rows") -> list[dict[str,
     rows = rows_from_value(results, what=what)
     out: list[dict[str, Any]] = []
     for position, result in enumerate(rows):
+        if result.get("status") in ("failed", "not_run") and "content" not in result:
+            # A batch item that produced nothing: a row without a reply, which the checks then reject.
+            out.append({"content": None, "error": result.get("error")})
+            continue
         if "content" not in result or "output" not in result:
             raise RowsError(
                 f"{what}[{position}] is not an LLMOperator result (it has no 'content'/'output' keys); "

@@ -1,0 +1,450 @@
+"""Operator for batch LLM work: N items x one prompt template -> N governed results, inside one task."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from pydantic import BaseModel, ValidationError
+
+from governed_ai.core.audit import AuditBuffer, AuditRecord
+from governed_ai.core.batch import (
+    BatchInputError,
+    BatchJournal,
+    BatchProgress,
+    BatchPrompt,
+    BatchRun,
+    BatchRunner,
+    BatchSettings,
+    CallSettings,
+    JournalWriter,
+    journal_prefix,
+    make_items,
+    parse_rows,
+)
+from governed_ai.core.governor import GovernanceDenied, Governor
+from governed_ai.core.paths import provider_home
+from governed_ai.core.policy import Decision
+from governed_ai.core.structured_output import ensure_schema_model
+from governed_ai.core.subject import Subject
+from governed_ai.hooks.governance import GovernanceHook
+from governed_ai.hooks.llm import LLMHook
+from governed_ai.operators.lineage import operator_lineage
+from governed_ai.plugins.links import AuditRecordsLink
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+
+class LLMBatchOperator(BaseOperator):
+    """Run one prompt template over many items with bounded concurrency, governed, in one task.
+
+    Each item is rendered into the prompt (Jinja, with the item as ``item`` and the DAG's ``params``),
+    sent to the model with per-item retries on transient errors (429 honouring Retry-After, 5xx,
+    timeouts, malformed bodies), validated into ``output_schema`` with repairs when given, and
+    governed like a single call: the policy must grant the model, budgets are reserved (in blocks of
+    items) and settled, prompts and replies are redacted, and every call is audited (in batched writes).
+
+    **Replay on retry.** Every completed item is journaled in the governance store before its slot is
+    freed, keyed by the task instance (not the try), the item's key, the prompt version, the model and
+    the call settings. When Airflow retries the task (after a crash, a kill, or too many failures),
+    completed items come from the journal and are not paid for again; at most ``concurrency`` items that
+    were in flight when the task died are repeated.
+
+    **Partial failure.** Items fail one by one with a reason; the batch goes on. The task fails
+    (retryably) when more than ``max_failure_rate`` of the items failed or were not run; a budget that
+    runs out stops the remaining items and, above the rate, fails the task without retry.
+
+    **Output.** Up to ``max_xcom_items`` items, the XCom value is ``{"results": [...], "failures": [...],
+    "summary": {...}, ...}``; above it (or with ``output_path``) results and failures are written as JSONL
+    files and XCom holds a manifest with their paths and the summary. Each result row has ``key``,
+    ``position``, ``status`` (``ok``/``replayed``/``failed``/``not_run``), and for successes ``content``,
+    ``output``, ``usage``, ``cost_usd``, ``latency_ms``, ``attempts``; failures carry ``error``.
+
+    :param items: The inputs: a list of dicts or strings (e.g. an upstream task's XCom). Templated.
+    :param input_path: Alternatively a ``.jsonl``/``.ndjson``/``.json``/``.csv`` file, local or an
+        ObjectStoragePath URI (``s3://...``). Templated.
+    :param key_field: Field holding each item's unique id (recommended). Without it, the key is a hash
+        of the item's content. Keys must be unique: they identify items in the replay journal.
+    :param prompt_template: The user message, a Jinja template with ``item`` (and ``params``) in scope,
+        e.g. ``"Classify this ticket: {{ item.text }}"``. Not rendered by Airflow (it would not know
+        ``item``); its hash is the recorded prompt version.
+    :param system_prompt: Optional system message; a Jinja template like ``prompt_template``.
+    :param model: Model name; defaults to the connection's ``default_model``. Templated.
+    :param temperature: Sampling temperature; None keeps the endpoint's default.
+    :param max_tokens: Upper bound on reply tokens per call (the policy may cap it further).
+    :param output_schema: A pydantic model class; replies are validated into it, with repairs.
+    :param max_repair_attempts: Repair attempts per item after an invalid structured reply.
+    :param concurrency: Calls in flight at once (default 8).
+    :param requests_per_minute: Client-side request rate limit (None: unlimited).
+    :param tokens_per_minute: Client-side token rate limit, on estimated tokens (None: unlimited).
+    :param max_attempts: Tries per HTTP exchange of an item on transient errors (default 4).
+    :param max_failure_rate: Fail the task when more than this fraction of items failed (default 0.05).
+    :param output_path: Write results (JSONL) here, plus ``<name>.failures.jsonl`` beside it. Templated.
+    :param max_xcom_items: Above this many items, results go to a file even without ``output_path``
+        (under ``$AIRFLOW_HOME/governed_ai/outputs/batch/``): XCom is not a data store.
+    :param progress_interval_seconds: How often progress is logged (items, failures, rate, tokens, cost).
+    :param budget_block_size: Items whose worst-case cost is reserved per budget transaction.
+    :param prompt_name: Optional declared prompt name (recorded as ``name@label#hash``).
+    :param prompt_version_label: Optional declared prompt version (requires ``prompt_name``).
+    :param llm_conn_id: Connection of type ``governed_ai_llm``.
+    :param governance_conn_id: Connection of type ``governed_ai_governance`` (optional).
+    """
+
+    operator_extra_links = (AuditRecordsLink(),)
+
+    template_fields: Sequence[str] = ("items", "input_path", "model", "output_path")
+    template_fields_renderers = {"items": "json"}
+    ui_color = "#e8f0fe"
+
+    def __init__(
+        self,
+        *,
+        prompt_template: str,
+        items: list[Any] | None = None,
+        input_path: str | None = None,
+        key_field: str | None = None,
+        system_prompt: str | None = None,
+        model: str | None = None,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        output_schema: type[BaseModel] | None = None,
+        max_repair_attempts: int = 2,
+        concurrency: int = 8,
+        requests_per_minute: float | None = None,
+        tokens_per_minute: float | None = None,
+        max_attempts: int = 4,
+        max_failure_rate: float = 0.05,
+        output_path: str | None = None,
+        max_xcom_items: int = 100,
+        progress_interval_seconds: float = 10.0,
+        budget_block_size: int = 16,
+        prompt_name: str | None = None,
+        prompt_version_label: str | None = None,
+        llm_conn_id: str = LLMHook.default_conn_name,
+        governance_conn_id: str = GovernanceHook.default_conn_name,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if items is None and input_path is None:
+            raise ValueError(
+                f"{self.task_id}: give 'items' (a list) or 'input_path' (a JSONL/JSON/CSV file)."
+            )
+        if not 0.0 <= max_failure_rate <= 1.0:
+            raise ValueError(
+                f"{self.task_id}: 'max_failure_rate' is a fraction in 0..1, got {max_failure_rate}."
+            )
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"{self.task_id}: 'max_tokens' must be a positive integer, got {max_tokens}.")
+        if max_xcom_items < 0:
+            raise ValueError(f"{self.task_id}: 'max_xcom_items' must be 0 or more.")
+        try:
+            self.settings = BatchSettings(
+                concurrency=concurrency,
+                max_attempts=max_attempts,
+                requests_per_minute=requests_per_minute,
+                tokens_per_minute=tokens_per_minute,
+                budget_block_size=budget_block_size,
+                progress_interval_seconds=progress_interval_seconds,
+            )
+            self.prompt = BatchPrompt(
+                prompt_template, system_prompt, name=prompt_name, version=prompt_version_label
+            )
+        except (ValidationError, ValueError) as error:
+            raise ValueError(f"{self.task_id}: {error}") from None
+        self.items = items
+        self.input_path = input_path
+        self.key_field = key_field
+        self.prompt_template = prompt_template
+        self.system_prompt = system_prompt
+        self.model = model
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.output_schema = ensure_schema_model(output_schema, "output_schema")
+        self.max_repair_attempts = max_repair_attempts
+        self.max_failure_rate = max_failure_rate
+        self.output_path = output_path
+        self.max_xcom_items = max_xcom_items
+        self.llm_conn_id = llm_conn_id
+        self.governance_conn_id = governance_conn_id
+
+    @cached_property
+    def hook(self) -> LLMHook:
+        return LLMHook(llm_conn_id=self.llm_conn_id)
+
+    @cached_property
+    def governance(self) -> GovernanceHook:
+        return GovernanceHook(governance_conn_id=self.governance_conn_id)
+
+    # -- inputs -------------------------------------------------------------------------------------
+
+    def load_rows(self) -> list[Any]:
+        if self.items is not None:
+            rows = self.items
+            if isinstance(rows, str):  # a template rendered to JSON text
+                try:
+                    rows = json.loads(rows)
+                except json.JSONDecodeError:
+                    raise TypeError(
+                        f"{self.task_id}: 'items' rendered to text that is not a JSON list."
+                    ) from None
+            if not isinstance(rows, list | tuple):
+                raise TypeError(f"{self.task_id}: 'items' must be a list, got {type(rows).__name__}.")
+            return list(rows)
+        from airflow.sdk import ObjectStoragePath
+
+        given = str(self.input_path)
+        path = (
+            ObjectStoragePath(given) if "://" in given else ObjectStoragePath(Path(given).resolve().as_uri())
+        )
+        if not path.exists():
+            raise FileNotFoundError(f"{self.task_id}: 'input_path' {given!r} does not exist.")
+        return parse_rows(path.read_text(encoding="utf-8"), given)
+
+    # -- governance ---------------------------------------------------------------------------------
+
+    def _authorize(self, governor: Governor, subject: Subject, requested: str) -> tuple[str, Decision]:
+        """The first model of the policy's route that the endpoint serves, authorized (and audited)."""
+        engine = governor.engine()
+        candidates = engine.resolve_model(subject, self.llm_conn_id, requested)
+        if not candidates:
+            governor.enforce(
+                subject, engine.authorize_model(subject, self.llm_conn_id, requested), model=requested
+            )
+        served = self.hook.served_models
+        usable = [m for m in candidates if not served or m in served] or candidates
+        model = usable[0]
+        decision = governor.enforce(
+            subject,
+            engine.authorize_model(subject, self.llm_conn_id, model),
+            model=model,
+            prompt_version=self.prompt.version_id,
+        )
+        self.hook.ensure_model_served(model)
+        return model, decision
+
+    # -- run ----------------------------------------------------------------------------------------
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        try:
+            items = make_items(self.load_rows(), self.key_field)
+        except BatchInputError as error:
+            raise ValueError(f"{self.task_id}: {error}") from None
+        if not items:
+            raise ValueError(f"{self.task_id}: the batch is empty; nothing to do.")
+        governor = self.governance.governor
+        subject = self.governance.subject_from_context(context)
+        try:
+            model, decision = self._authorize(governor, subject, self.hook.resolve_model(self.model))
+        except GovernanceDenied as denied:
+            raise AirflowFailException(f"{self.task_id}: denied by governance: {denied}") from denied
+        call = CallSettings(
+            model=model,
+            temperature=self.temperature,
+            max_tokens=self.max_tokens,
+            output_schema=self.output_schema,
+            max_repair_attempts=self.max_repair_attempts,
+            structured_output=self.hook.settings.structured_output,
+        )
+        journal = BatchJournal(
+            governor.audit.engine,
+            journal_prefix(
+                subject, prompt_version=self.prompt.version_id, model=model, parameters=self._call_key()
+            ),
+        )
+        replayed = journal.completed([i.key for i in items])
+        self.log.info(
+            "Batch of %d items, model %s, %s, concurrency %d; %d done by an earlier try will be replayed",
+            len(items),
+            model,
+            self.prompt.description,
+            self.settings.concurrency,
+            len(replayed),
+        )
+        run = self._run(governor, subject, model, decision, call, journal, replayed, items, context)
+        governor.record(
+            AuditRecord.for_subject(
+                subject,
+                action="batch.summary",
+                resource=f"{self.llm_conn_id}/{model}",
+                decision="n/a",
+                rule=decision.rule,
+                model=model,
+                prompt_version=self.prompt.version_id,
+                outcome="ok" if not run.failures else "partial",
+                extra=run.summary(),
+            )
+        )
+        payload = self._publish(run, model, context)
+        self._lineage_facts = {
+            "model": model,
+            "rule": decision.rule,
+            "summary": run.summary(),
+            "results_path": payload.get("results_path"),
+        }
+        self._apply_failure_policy(run)
+        return payload
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        facts = getattr(self, "_lineage_facts", None)
+        if facts is None:
+            return None
+        summary = facts["summary"]
+
+        def build(ol: Any, _: Any) -> tuple[list[Any], list[Any], Any]:
+            inputs = [ol.model_input(self.hook.settings.base_url, facts["model"])]
+            if self.input_path:
+                given = str(self.input_path)
+                inputs.append(ol.file_input(given if "://" in given else str(Path(given).resolve())))
+            outputs = [ol.file_output(facts["results_path"])] if facts["results_path"] else []
+            facet = ol.GovernedAIRunFacet(
+                operation="batch_chat",
+                model=facts["model"],
+                promptVersion=self.prompt.version_id,
+                calls=summary["ok"] + summary["failed"],
+                promptTokens=0,
+                completionTokens=0,
+                costUsd=summary["cost_usd"],
+                policyRule=facts["rule"],
+                policyDecision="allow",
+                details={
+                    key: summary[key] for key in ("total", "ok", "replayed", "failed", "not_run", "tokens")
+                },
+            )
+            return inputs, outputs, facet
+
+        return operator_lineage(build)
+
+    def _call_key(self) -> dict[str, Any]:
+        schema = self.output_schema.model_json_schema() if self.output_schema is not None else None
+        return {
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+            "schema": schema,
+            "max_repair_attempts": self.max_repair_attempts,
+            "key_field": self.key_field,
+        }
+
+    def _run(
+        self,
+        governor: Governor,
+        subject: Subject,
+        model: str,
+        decision: Decision,
+        call: CallSettings,
+        journal: BatchJournal,
+        replayed: dict[str, Any],
+        items: list[Any],
+        context: Context,
+    ) -> BatchRun:
+        writer = JournalWriter(journal, governor.audit)
+        client = self.hook.new_async_client(max_retries=0)
+        params = dict(context.get("params") or {})
+        prompt = self.prompt.with_globals(params=params)
+        runner = BatchRunner(
+            governor=governor,
+            subject=subject,
+            client=client,
+            connection_id=self.llm_conn_id,
+            decision=decision,
+            call=call,
+            prompt=prompt,
+            prices=self.hook.settings.prices,
+            audit=AuditBuffer(governor.audit, max_records=500, max_seconds=1.0),
+            journal=writer,
+            replayed=replayed,
+            settings=self.settings,
+            on_progress=self._log_progress,
+        )
+
+        async def run_and_close() -> BatchRun:
+            try:
+                return await runner.run(items)
+            finally:
+                await client.close()
+
+        try:
+            with _quiet_http_logs():
+                return asyncio.run(run_and_close())
+        finally:
+            writer.close()
+
+    def _log_progress(self, progress: BatchProgress) -> None:
+        self.log.info("%s", progress.line())
+
+    def _publish(self, run: BatchRun, model: str, context: Context) -> dict[str, Any]:
+        base = {"summary": run.summary(), "model": model, "prompt_version": self.prompt.version_id}
+        rows = [o.to_json() for o in run.outcomes]
+        failures = [o.to_json() for o in run.failures]
+        if self.output_path is None and len(rows) <= self.max_xcom_items:
+            return {**base, "results": rows, "failures": failures}
+        if self.output_path and "://" in str(self.output_path):
+            from airflow.sdk import ObjectStoragePath
+
+            remote = ObjectStoragePath(str(self.output_path))
+            remote_failures = remote.with_name(remote.stem + ".failures.jsonl")
+            # Object stores write an object in one PUT: readers never see half of it.
+            remote.write_text("".join(json.dumps(row) + "\n" for row in rows))
+            remote_failures.write_text("".join(json.dumps(row) + "\n" for row in failures))
+            self.log.info("Wrote %d results to %s and %d failures", len(rows), remote, len(failures))
+            return {**base, "results_path": str(remote), "failures_path": str(remote_failures)}
+        path = Path(self.output_path) if self.output_path else self._default_output(context)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        failures_path = path.with_name(path.stem + ".failures.jsonl")
+        for target, content in ((path, rows), (failures_path, failures)):
+            tmp = target.with_name(target.name + ".tmp")
+            with tmp.open("w", encoding="utf-8") as out:
+                for row in content:
+                    out.write(json.dumps(row) + "\n")
+            tmp.replace(target)  # readers never see a half-written file
+        self.log.info(
+            "Wrote %d results to %s and %d failures to %s", len(rows), path, len(failures), failures_path
+        )
+        return {**base, "results_path": str(path), "failures_path": str(failures_path)}
+
+    def _default_output(self, context: Context) -> Path:
+        ti = context["ti"]
+        run_id = str(ti.run_id).replace(":", "_").replace("+", "_")
+        suffix = "" if getattr(ti, "map_index", -1) in (-1, None) else f".{ti.map_index}"
+        return provider_home() / "outputs" / "batch" / ti.dag_id / run_id / f"{ti.task_id}{suffix}.jsonl"
+
+    def _apply_failure_policy(self, run: BatchRun) -> None:
+        total = run.progress.total
+        bad = run.progress.failed + run.progress.not_run
+        if not bad or bad / total <= self.max_failure_rate:
+            if bad:
+                self.log.warning(
+                    "%d of %d items failed (within max_failure_rate %.2f)", bad, total, self.max_failure_rate
+                )
+            return
+        examples = "; ".join(f"{o.key}: {o.error}" for o in run.failures[:3])
+        message = (
+            f"{self.task_id}: {bad} of {total} items failed or were not run ({bad / total:.1%} > "
+            f"max_failure_rate {self.max_failure_rate:.1%}). Examples: {examples}"
+        )
+        if run.stopped_by_budget:
+            raise AirflowFailException(f"{message}. Stopped by budget: {run.stopped_by_budget}")
+        # Retryable: a retry replays the completed items from the journal and tries only the rest.
+        raise AirflowException(message)
+
+
+@contextmanager
+def _quiet_http_logs() -> Iterator[None]:
+    """The HTTP clients log one INFO line per request: 1,000 lines for 1,000 items drown the progress."""
+    loggers = [logging.getLogger(name) for name in ("httpx", "httpx2", "openai")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)

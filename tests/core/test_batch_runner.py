@@ -1,0 +1,376 @@
+"""BatchRunner end to end over HTTP: FakeOpenAIServer (a named fake model with scripted replies), and a real
+Governor, budget ledger, audit trail and replay journal on SQLite.
+
+Scripted replies are consumed in request order, so tests that script per-item replies run with
+concurrency 1; the others use the fake's default reply and real concurrency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from pydantic import BaseModel
+
+from governed_ai.core.audit import AuditBuffer, AuditStore, StoredAuditRecord
+from governed_ai.core.batch import (
+    BatchJournal,
+    BatchProgress,
+    BatchPrompt,
+    BatchRun,
+    BatchRunner,
+    BatchSettings,
+    CallSettings,
+    JournalWriter,
+    journal_prefix,
+    make_items,
+    per_minute_limiter,
+)
+from governed_ai.core.governor import Governor
+from governed_ai.core.ledger import BudgetLedger
+from governed_ai.core.policy import PolicyProvider
+from governed_ai.core.pricing import PriceTable
+from governed_ai.core.sqlstore import create_store_engine
+from governed_ai.core.subject import Subject
+from tests.fakes.openai_server import FakeOpenAIServer, ScriptedReply
+
+SUBJECT = Subject(dag_id="batch_dag", task_id="classify", run_id="run-1")
+PRICES = PriceTable.from_mapping({"*": {"input_per_1m_tokens": 1.0, "output_per_1m_tokens": 2.0}})
+EMAIL = "alice@example.com"
+CARD = "4111 1111 1111 1111"  # Luhn-valid test number
+
+
+def policy(*, budget_tokens: int | None = None, store_content: bool = False) -> str:
+    text = f"""
+version: 1
+defaults: {{store_content: {str(store_content).lower()}}}
+rules:
+  - name: batch-rule
+    match: {{dag_id: batch_dag}}
+    models: [{{connection: llm, model: fake-model, max_tokens_per_call: 50}}]
+    redaction: {{prompts: true, outputs: true}}
+"""
+    if budget_tokens is not None:
+        text += (
+            "budgets:\n"
+            f"  - {{name: batch-run, scope: dag, match: {{dag_id: batch_dag}}, period: run, "
+            f"max_tokens: {budget_tokens}}}\n"
+        )
+    return text
+
+
+class Label(BaseModel):
+    label: str
+
+
+@dataclass
+class Harness:
+    server: FakeOpenAIServer
+    governor: Governor
+    store_url: str
+    progress: list[BatchProgress]
+
+    def run(
+        self,
+        rows: list[Any],
+        *,
+        template: str = "Classify: {{ item.text }}",
+        schema: type[BaseModel] | None = None,
+        replayed: dict[str, Any] | None = None,
+        journal: BatchJournal | None = None,
+        max_tokens: int | None = 20,
+        **settings: Any,
+    ) -> BatchRun:
+        model = "fake-model"
+        decision = self.governor.engine().authorize_model(SUBJECT, "llm", model)
+        assert decision.allowed
+        prompt = BatchPrompt(template)
+        call = CallSettings(model=model, max_tokens=max_tokens, output_schema=schema, max_repair_attempts=1)
+
+        async def go() -> BatchRun:
+            client = openai.AsyncOpenAI(base_url=self.server.base_url, api_key="k", max_retries=0, timeout=5)
+            writer = JournalWriter(journal, self.governor.audit) if journal is not None else None
+            runner = BatchRunner(
+                governor=self.governor,
+                subject=SUBJECT,
+                client=client,
+                connection_id="llm",
+                decision=decision,
+                call=call,
+                prompt=prompt,
+                prices=PRICES,
+                audit=AuditBuffer(self.governor.audit),
+                journal=writer,
+                replayed=replayed or {},
+                settings=BatchSettings(**settings),
+                on_progress=self.progress.append,
+            )
+            try:
+                return await runner.run(make_items(rows, key_field="id"))
+            finally:
+                await client.close()
+                if writer is not None:
+                    writer.close()
+
+        return asyncio.run(go())
+
+    def audit(self, action: str = "model.call") -> list[StoredAuditRecord]:
+        return self.governor.audit.query(action=action, order="asc", limit=None)
+
+    def journal(self) -> BatchJournal:
+        prefix = journal_prefix(SUBJECT, prompt_version="v", model="fake-model", parameters={})
+        return BatchJournal(self.governor.audit.engine, prefix)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[FakeOpenAIServer]:
+    with FakeOpenAIServer() as fake:
+        yield fake
+
+
+@pytest.fixture
+def harness(tmp_path: Path, server: FakeOpenAIServer) -> Iterator[Callable[..., Harness]]:
+    engines = []
+
+    def build(policy_text: str | None = None, default: ScriptedReply | None = None) -> Harness:
+        url = f"sqlite:///{tmp_path / 'governance.db'}"
+        engine = create_store_engine(url)
+        engines.append(engine)
+        governor = Governor(
+            policy=PolicyProvider(text=policy_text or policy()),
+            ledger=BudgetLedger(engine),
+            audit=AuditStore(engine),
+        )
+        # One server for the module (starting and stopping one costs 0.5 s); each test starts it afresh.
+        server.replies.clear()
+        server.requests.clear()
+        server.paths.clear()
+        server.default = default or ScriptedReply(content="ok")
+        return Harness(server, governor, url, [])
+
+    yield build
+    for engine in engines:
+        engine.dispose()
+
+
+def rows(n: int) -> list[dict[str, str]]:
+    return [{"id": f"t{i}", "text": f"ticket number {i}"} for i in range(n)]
+
+
+def test_every_item_gets_a_result_in_input_order_and_an_audit_record(harness):
+    h = harness(default=ScriptedReply(content="positive", prompt_tokens=12, completion_tokens=3))
+    run = h.run(rows(40), concurrency=8)
+
+    assert [o.key for o in run.outcomes] == [f"t{i}" for i in range(40)]
+    assert {o.status for o in run.outcomes} == {"ok"}
+    first = run.outcomes[0].to_json()
+    assert (first["key"], first["position"], first["status"], first["content"]) == ("t0", 0, "ok", "positive")
+    assert first["usage"] == {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}
+    sent = sorted(r["messages"][-1]["content"] for r in h.server.chat_requests)
+    assert sent == sorted(f"Classify: ticket number {i}" for i in range(40))
+    assert {r["max_tokens"] for r in h.server.chat_requests} == {20}
+
+    calls = h.audit()
+    assert len(calls) == 40
+    assert sorted(r.extra["item"] for r in calls) == sorted(f"t{i}" for i in range(40))
+    assert {(r.outcome, r.decision, r.rule, r.model, r.resource) for r in calls} == {
+        ("ok", "allow", "batch-rule", "fake-model", "llm/fake-model")
+    }
+    assert {(r.prompt_tokens, r.completion_tokens) for r in calls} == {(12, 3)}
+    assert sum(r.cost_usd or 0 for r in calls) == pytest.approx(run.progress.cost_usd)
+    assert run.progress.cost_usd == pytest.approx(40 * PRICES.cost("fake-model", 12, 3))
+    assert h.governor.audit.verify().ok
+    assert (run.progress.ok, run.progress.failed, run.progress.tokens) == (40, 0, 40 * 15)
+    assert h.progress[-1] == run.progress  # the final progress is reported
+
+
+def test_policy_caps_max_tokens_per_call(harness):
+    h = harness()
+    h.run(rows(2), max_tokens=500)
+    assert {r["max_tokens"] for r in h.server.chat_requests} == {50}
+    h.run(rows(1), max_tokens=None)
+    assert h.server.chat_requests[-1]["max_tokens"] == 50
+
+
+def test_structured_output_is_validated_and_repaired_per_item(harness):
+    h = harness()
+    h.server.script('{"label": 3', '{"label": "billing"}', '{"label": "refund"}')
+    run = h.run(rows(2), schema=Label, concurrency=1)
+
+    assert [o.status for o in run.outcomes] == ["ok", "ok"]
+    assert [o.result["output"] for o in run.outcomes] == [{"label": "billing"}, {"label": "refund"}]
+    assert [o.result["attempts"] for o in run.outcomes] == [2, 1]
+    repair = h.server.chat_requests[1]["messages"]
+    assert repair[-2] == {"role": "assistant", "content": '{"label": 3'}
+    assert repair[-1]["role"] == "user"
+    assert "response_format" in h.server.chat_requests[0]
+    assert [r.extra["attempts"] for r in h.audit()] == [2, 1]
+
+
+def test_failures_are_per_item_with_reasons_and_the_batch_goes_on(harness):
+    h = harness(default=ScriptedReply(content="positive"))
+    h.server.script(
+        ScriptedReply(status=400, content="context length exceeded"),  # t0: permanent
+        ScriptedReply(status=429, headers={"retry-after-ms": "1"}),  # t1: transient twice ...
+        ScriptedReply(status=429, headers={"retry-after-ms": "1"}),  # ... and out of attempts
+        ScriptedReply(raw_body=b"<html>bad gateway</html>", headers={"Content-Type": "text/html"}),  # t2
+        "positive",  # t2's retry succeeds
+        '{"label": 1}',  # t3: never valid, repair allowed once
+        '{"label": 2}',
+    )
+    data = [*rows(4), {"id": "t4", "body": "no text field"}, {"id": "t5", "text": "fine"}]
+    run = h.run(data, schema=None, concurrency=1, max_attempts=2)
+
+    by_key = {o.key: o for o in run.outcomes}
+    assert by_key["t0"].status == "failed"
+    assert "BadRequestError" in by_key["t0"].error and "400" in by_key["t0"].error
+    assert by_key["t0"].http_attempts == 1  # not retried
+    assert by_key["t1"].status == "failed" and "RateLimitError" in by_key["t1"].error
+    assert by_key["t1"].http_attempts == 2
+    assert by_key["t2"].status == "ok" and by_key["t2"].http_attempts == 2  # the malformed body was retried
+    assert by_key["t3"].status == "ok"  # no schema here: any text is a result
+    assert by_key["t4"].status == "failed" and "prompt template failed" in by_key["t4"].error
+    assert by_key["t5"].status == "ok"
+    assert {f.key for f in run.failures} == {"t0", "t1", "t4"}
+    assert run.http_retries == 2
+    assert (run.progress.ok, run.progress.failed) == (3, 3)
+    errors = {r.extra["item"]: r for r in h.audit() if r.outcome == "error"}
+    assert set(errors) == {"t0", "t1"}  # t4 never reached the model: nothing to audit as a call
+    assert "BadRequestError" in errors["t0"].error
+
+
+def test_a_reply_that_never_fits_the_schema_fails_the_item_and_is_charged(harness):
+    h = harness(policy(budget_tokens=100_000), default=ScriptedReply(content="not json", completion_tokens=4))
+    run = h.run(rows(1), schema=Label, concurrency=1)
+    (outcome,) = run.outcomes
+    assert outcome.status == "failed" and "did not match output_schema Label" in outcome.error
+    (record,) = h.audit()
+    assert (record.outcome, record.prompt_tokens, record.completion_tokens) == ("error", 20, 8)
+    (budget,) = h.governor.ledger.status()
+    assert (budget.spent_tokens, budget.reserved_tokens) == (28, 0)  # both paid attempts settled
+
+
+def test_prompts_and_outputs_are_redacted_and_content_audited_only_redacted(harness):
+    h = harness(policy(store_content=True), default=ScriptedReply(content=f"card on file: {CARD}"))
+    run = h.run([{"id": "a", "text": f"mail me at {EMAIL}"}])
+
+    (sent,) = h.server.chat_requests
+    assert EMAIL not in json.dumps(sent) and "[REDACTED:EMAIL]" in sent["messages"][-1]["content"]
+    (outcome,) = run.outcomes
+    assert CARD not in outcome.result["content"] and "[REDACTED:PAYMENT_CARD]" in outcome.result["content"]
+    (record,) = h.audit()
+    assert record.extra["redactions"] == 2
+    assert record.content is not None and "[REDACTED:EMAIL]" in record.content
+    assert EMAIL not in record.content and CARD not in record.content
+
+
+def test_content_is_not_audited_unless_the_policy_says_so(harness):
+    h = harness(policy(store_content=False))
+    h.run(rows(2))
+    assert [r.content for r in h.audit()] == [None, None]
+
+
+def test_failure_reasons_are_redacted(harness):
+    h = harness()
+    h.server.script(ScriptedReply(status=400, content=f"bad request from {EMAIL}"))
+    run = h.run(rows(1), concurrency=1)
+    (outcome,) = run.outcomes
+    assert EMAIL not in outcome.error and "[REDACTED:EMAIL]" in outcome.error
+    assert EMAIL not in (h.audit()[0].error or "")
+
+
+def test_replayed_items_are_not_called_again(harness):
+    h = harness(default=ScriptedReply(content="fresh"))
+    earlier = {"t1": {"content": "from try 1"}, "t3": {"content": "from try 1"}}
+    run = h.run(rows(5), replayed=earlier, concurrency=2)
+
+    assert [o.status for o in run.outcomes] == ["ok", "replayed", "ok", "replayed", "ok"]
+    assert run.outcomes[1].result == {"content": "from try 1"}
+    sent = sorted(r["messages"][-1]["content"] for r in h.server.chat_requests)
+    assert sent == ["Classify: ticket number 0", "Classify: ticket number 2", "Classify: ticket number 4"]
+    assert (run.progress.replayed, run.progress.ok) == (2, 3)
+    (replay,) = h.audit("batch.replay")
+    assert replay.extra == {"replayed": 2}
+
+
+def test_completed_items_are_journaled_and_replayed_by_a_second_run(harness):
+    h = harness(default=ScriptedReply(content="positive"))
+    h.server.script(ScriptedReply(status=400))  # one item fails: it is not journaled, so it runs again
+    journal = h.journal()
+    first = h.run(rows(6), journal=journal, concurrency=1)
+    assert [o.status for o in first.outcomes].count("failed") == 1
+    done = journal.completed([f"t{i}" for i in range(6)])
+    assert set(done) == {o.key for o in first.outcomes if o.status == "ok"}
+    assert done["t1"] == first.outcomes[1].result
+    audited = [(r.extra["item"], r.outcome) for r in h.audit()]  # through the writer, ok and failed alike
+    assert sorted(audited) == sorted((o.key, "ok" if o.status == "ok" else "error") for o in first.outcomes)
+
+    calls_before = len(h.server.chat_requests)
+    second = h.run(rows(6), journal=journal, replayed=done)
+    assert len(h.server.chat_requests) - calls_before == 1
+    assert [o.status for o in second.outcomes] == [
+        "ok",
+        "replayed",
+        "replayed",
+        "replayed",
+        "replayed",
+        "replayed",
+    ]
+
+
+def test_ledger_after_a_run_equals_the_sum_of_item_usage(harness):
+    h = harness(policy(budget_tokens=1_000_000), default=ScriptedReply(content="x", prompt_tokens=9))
+    h.server.script(*(ScriptedReply(content="y", prompt_tokens=9, completion_tokens=c) for c in range(1, 30)))
+    run = h.run(rows(50), concurrency=6, budget_block_size=8)
+
+    (budget,) = h.governor.ledger.status()
+    used = sum(o.result["usage"]["total_tokens"] for o in run.outcomes)
+    assert budget.spent_tokens == used == run.progress.tokens
+    assert budget.reserved_tokens == 0
+    assert run.budget_reservations == 7  # ceil(50 / 8) blocks, not 50 reservations
+
+
+def test_a_budget_that_runs_out_stops_the_rest_as_not_run(harness):
+    # Worst case per item: prompt estimate + 20 completion tokens; room for a few items only.
+    h = harness(
+        policy(budget_tokens=150), default=ScriptedReply(content="x", prompt_tokens=5, completion_tokens=5)
+    )
+    run = h.run(rows(20), concurrency=1, budget_block_size=4)
+
+    statuses = [o.status for o in run.outcomes]
+    assert "ok" in statuses and "not_run" in statuses
+    assert statuses == sorted(statuses, key=lambda s: s != "ok")  # with one worker: ok first, then stopped
+    assert run.stopped_by_budget is not None and "batch-run" in run.stopped_by_budget
+    assert all("budget exhausted" in o.error for o in run.outcomes if o.status == "not_run")
+    assert len(h.server.chat_requests) == statuses.count("ok")
+    (budget,) = h.governor.ledger.status()
+    assert budget.spent_tokens == 10 * statuses.count("ok") <= 150
+    assert len(h.audit("budget.deny")) == 1
+
+
+def test_a_token_rate_limit_below_one_items_estimate_does_not_wedge_the_batch(harness):
+    h = harness()
+    run = h.run(rows(1), tokens_per_minute=5, requests_per_minute=600)
+    assert [o.status for o in run.outcomes] == ["ok"]
+
+
+@pytest.mark.parametrize(
+    ("per_minute", "largest", "burst", "period_s"),
+    [
+        (600, 1, 10, 1.0),  # 10 per second, not 600 at once
+        (30, 1, 1, 2.0),  # below one a second: one every two seconds
+        (60_000, 1_500, 1_500, 1.5),  # a bucket never smaller than the largest single acquisition
+        (60_000, 10, 1_000, 1.0),
+    ],
+)
+def test_per_minute_limits_are_spread_over_the_minute(per_minute, largest, burst, period_s):
+    limiter = per_minute_limiter(per_minute, largest=largest)
+    assert limiter.max_rate == pytest.approx(burst)
+    assert limiter.time_period == pytest.approx(period_s)
+    assert limiter.max_rate / limiter.time_period * 60 == pytest.approx(per_minute)  # the average rate

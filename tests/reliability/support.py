@@ -1,0 +1,64 @@
+"""Shared pieces of the reliability tests: a task context (a named fake), the policy, reading the journal."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine, select
+
+from governed_ai.core.journal import journal_table
+
+DAG_ID = "reliability_dag"
+TASK_ID = "classify"
+RUN_ID = "manual__reliability"
+TEMPLATE = "Classify the ticket [key={{ item.id }}]: {{ item.text }}"
+
+
+@dataclass(frozen=True)
+class FakeTaskInstance:
+    """Stands in for Airflow's task instance. Defined here, not imported from tests/conftest.py, because
+    the task subprocess must not run that module's environment setup."""
+
+    dag_id: str
+    task_id: str
+    run_id: str
+    try_number: int = 1
+    map_index: int = -1
+
+
+@dataclass(frozen=True)
+class FakeTask:
+    owner: str = "airflow"
+
+
+@dataclass(frozen=True)
+class FakeDag:
+    tags: tuple[str, ...] = field(default=())
+
+
+def task_context(*, try_number: int = 1) -> dict[str, Any]:
+    """A named fake of the Airflow task context for ``execute``; a retry has a higher try number."""
+    ti = FakeTaskInstance(dag_id=DAG_ID, task_id=TASK_ID, run_id=RUN_ID, try_number=try_number)
+    return {"ti": ti, "task": FakeTask(), "dag": FakeDag(), "params": {}}
+
+
+def journaled_keys(engine: Engine) -> set[str]:
+    """Item keys of every completed batch item in the journal (the key's last ``|`` field)."""
+    with engine.connect() as connection:
+        keys = connection.execute(select(journal_table.c.key).where(journal_table.c.scope == "batch"))
+        return {key.rsplit("|", 1)[1] for (key,) in keys}
+
+
+def policy(model: str = "fake-model") -> str:
+    return f"""
+version: 1
+rules:
+  - name: reliability
+    match: {{dag_id: {DAG_ID}}}
+    models: [{{connection: test_llm, model: {model}}}]
+"""
+
+
+def items(n: int) -> list[dict[str, str]]:
+    return [{"id": f"item-{i:04d}", "text": f"ticket text {i}"} for i in range(n)]

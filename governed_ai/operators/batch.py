@@ -38,6 +38,7 @@ from governed_ai.core.subject import Subject
 from governed_ai.hooks.governance import GovernanceHook
 from governed_ai.hooks.llm import LLMHook
 from governed_ai.operators.lineage import operator_lineage
+from governed_ai.operators.storage import is_uri, storage_path
 from governed_ai.plugins.links import AuditRecordsLink
 
 if TYPE_CHECKING:
@@ -199,12 +200,8 @@ class LLMBatchOperator(BaseOperator):
             if not isinstance(rows, list | tuple):
                 raise TypeError(f"{self.task_id}: 'items' must be a list, got {type(rows).__name__}.")
             return list(rows)
-        from airflow.sdk import ObjectStoragePath
-
         given = str(self.input_path)
-        path = (
-            ObjectStoragePath(given) if "://" in given else ObjectStoragePath(Path(given).resolve().as_uri())
-        )
+        path = storage_path(given)
         if not path.exists():
             raise FileNotFoundError(f"{self.task_id}: 'input_path' {given!r} does not exist.")
         return parse_rows(path.read_text(encoding="utf-8"), given)
@@ -302,8 +299,7 @@ class LLMBatchOperator(BaseOperator):
         def build(ol: Any, _: Any) -> tuple[list[Any], list[Any], Any]:
             inputs = [ol.model_input(self.hook.settings.base_url, facts["model"])]
             if self.input_path:
-                given = str(self.input_path)
-                inputs.append(ol.file_input(given if "://" in given else str(Path(given).resolve())))
+                inputs.append(ol.file_input(str(self.input_path)))
             outputs = [ol.file_output(facts["results_path"])] if facts["results_path"] else []
             facet = ol.GovernedAIRunFacet(
                 operation="batch_chat",
@@ -386,10 +382,8 @@ class LLMBatchOperator(BaseOperator):
         failures = [o.to_json() for o in run.failures]
         if self.output_path is None and len(rows) <= self.max_xcom_items:
             return {**base, "results": rows, "failures": failures}
-        if self.output_path and "://" in str(self.output_path):
-            from airflow.sdk import ObjectStoragePath
-
-            remote = ObjectStoragePath(str(self.output_path))
+        if self.output_path and is_uri(str(self.output_path)):
+            remote = storage_path(str(self.output_path))
             remote_failures = remote.with_name(remote.stem + ".failures.jsonl")
             # Object stores write an object in one PUT: readers never see half of it.
             remote.write_text("".join(json.dumps(row) + "\n" for row in rows))

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
@@ -23,6 +22,7 @@ from governed_ai.core.retrieval.governed import GovernedRetrieval, IngestProgres
 from governed_ai.hooks.chroma import ChromaHook
 from governed_ai.hooks.governance import GovernanceHook
 from governed_ai.operators.lineage import operator_lineage
+from governed_ai.operators.storage import storage_path
 from governed_ai.plugins.links import AuditRecordsLink
 
 if TYPE_CHECKING:
@@ -180,11 +180,7 @@ class ChromaIngestOperator(_GovernedChromaOperator):
         return docs
 
     def _read_path(self, given: str) -> list[SourceDocument]:
-        from airflow.sdk import ObjectStoragePath
-
-        root = (
-            ObjectStoragePath(given) if "://" in given else ObjectStoragePath(Path(given).resolve().as_uri())
-        )
+        root = storage_path(given)
         if not root.exists():
             raise FileNotFoundError(f"{self.task_id}: 'paths' entry {given!r} does not exist.")
         if root.is_file():
@@ -251,9 +247,7 @@ class ChromaIngestOperator(_GovernedChromaOperator):
         paths = [self.paths] if isinstance(self.paths, str) else list(self.paths or [])
 
         def build(ol: Any, _: Any) -> tuple[list[Any], list[Any], Any]:
-            inputs = [
-                ol.file_input(str(p) if "://" in str(p) else str(Path(str(p)).resolve())) for p in paths
-            ]
+            inputs = [ol.file_input(str(p)) for p in paths]
             outputs = [ol.collection_output(self._namespace(ol), self.collection)]
             details = {} if report is None else {"chunks": report.chunks, "new_chunks": report.new_chunks}
             return inputs, outputs, self._facet(ol, "ingest", **details)

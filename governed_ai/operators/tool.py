@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
-from sqlalchemy import Engine
 
 from governed_ai.core.journal import ReplayJournal
-from governed_ai.core.paths import default_store_url
-from governed_ai.core.sqlstore import create_store_engine
 from governed_ai.core.tools import (
     TOOL_JOURNAL_SCOPE,
     GovernedToolRunner,
@@ -34,19 +30,10 @@ if TYPE_CHECKING:
 # The step part of the idempotency key of a ToolOperator's single call.
 TOOL_OPERATOR_STEP = "tool-operator"
 
-# One engine per store URL per process for the replay journal, like the governor's own engine.
-_JOURNAL_ENGINES: dict[str, Engine] = {}
-_JOURNAL_ENGINES_LOCK = threading.Lock()
-
 
 def replay_journal(governance: GovernanceHook, scope: str = TOOL_JOURNAL_SCOPE) -> ReplayJournal:
     """The replay journal in the governance store the hook's governor writes its audit trail to."""
-    url = governance.settings.store_url or default_store_url()
-    with _JOURNAL_ENGINES_LOCK:
-        engine = _JOURNAL_ENGINES.get(url)
-        if engine is None:
-            engine = _JOURNAL_ENGINES[url] = create_store_engine(url)
-    return ReplayJournal(engine, scope)
+    return ReplayJournal(governance.governor.audit.engine, scope)
 
 
 def resolve_tools(

@@ -6,6 +6,7 @@ comes with the OpenLineage provider, and without it those methods are never call
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -61,10 +62,11 @@ def collection_output(namespace: str, collection: str) -> OutputDataset:
 
 
 def _file_parts(location: str) -> tuple[str, str]:
+    """``(namespace, name)`` of a URI, or of a local path (made absolute: lineage must not depend on cwd)."""
     parsed = urlparse(location)
     if parsed.scheme and parsed.scheme != "file":
         return f"{parsed.scheme}://{parsed.netloc}", parsed.path
-    return "file", parsed.path if parsed.scheme == "file" else location
+    return "file", parsed.path if parsed.scheme == "file" else str(Path(location).resolve())
 
 
 def file_input(location: str) -> InputDataset:

@@ -15,14 +15,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
-import threading
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Any, Literal, Protocol, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -254,37 +250,43 @@ class AuditStore:
         if not batch:
             return []
         with write_transaction(self._engine) as connection:
-            seq, prev_hash = self._lock_head(connection)
-            stored: list[StoredAuditRecord] = []
-            rows: list[dict[str, Any]] = []
-            for record in batch:
-                seq += 1
-                digest = chain_hash(prev_hash, seq, record)
-                values = {name: getattr(record, name) for name in _HASHED_FIELDS}
-                # Already validated as an AuditRecord; re-validating 500 records per batch is pure cost.
-                stored.append(
-                    StoredAuditRecord.model_construct(**values, seq=seq, prev_hash=prev_hash, hash=digest)
-                )
-                rows.append(
-                    {
-                        **values,
-                        "extra": canonical_json(record.extra),
-                        "seq": seq,
-                        "prev_hash": prev_hash,
-                        "hash": digest,
-                    }
-                )
-                prev_hash = digest
-            connection.execute(audit_table.insert(), rows)
-            connection.execute(
-                update(audit_head_table)
-                .where(audit_head_table.c.id == _HEAD_ID)
-                .values(seq=seq, hash=prev_hash)
-            )
-        self._notify(batch)
+            stored = self.append_in(connection, batch)
+        self.notify(batch)
         return stored
 
-    def _notify(self, records: list[AuditRecord]) -> None:
+    def append_in(self, connection: Connection, batch: Sequence[AuditRecord]) -> list[StoredAuditRecord]:
+        """Append ``batch`` inside the caller's write transaction (the group-commit writer's); the caller
+        calls :meth:`notify` once it has committed."""
+        if not batch:
+            return []
+        seq, prev_hash = self._lock_head(connection)
+        stored: list[StoredAuditRecord] = []
+        rows: list[dict[str, Any]] = []
+        for record in batch:
+            seq += 1
+            digest = chain_hash(prev_hash, seq, record)
+            values = {name: getattr(record, name) for name in _HASHED_FIELDS}
+            # Already validated as an AuditRecord; re-validating 500 records per batch is pure cost.
+            stored.append(
+                StoredAuditRecord.model_construct(**values, seq=seq, prev_hash=prev_hash, hash=digest)
+            )
+            rows.append(
+                {
+                    **values,
+                    "extra": canonical_json(record.extra),
+                    "seq": seq,
+                    "prev_hash": prev_hash,
+                    "hash": digest,
+                }
+            )
+            prev_hash = digest
+        connection.execute(audit_table.insert(), rows)
+        connection.execute(
+            update(audit_head_table).where(audit_head_table.c.id == _HEAD_ID).values(seq=seq, hash=prev_hash)
+        )
+        return stored
+
+    def notify(self, records: Sequence[AuditRecord]) -> None:
         # After the commit: observers see only what is really in the trail, and their failures (a metrics
         # backend down, a tracing bug) must never undo or fail the governed action.
         for observer in self.observers:
@@ -489,82 +491,3 @@ def _stored_from_row(row: RowMapping) -> StoredAuditRecord:
     return StoredAuditRecord.model_construct(
         **_record_fields_from_row(row), seq=int(row["seq"]), prev_hash=row["prev_hash"], hash=row["hash"]
     )
-
-
-class AuditBuffer:
-    """Collects records and appends them in batches: one transaction per ``max_records`` records, or
-    sooner once the oldest buffered record is ``max_seconds`` old.
-
-    The age limit is checked when records are added (there is no background thread), so always end with
-    :meth:`flush`/:meth:`close` or use the buffer as a context manager, which flushes even when the
-    block raises: failures are exactly what an audit trail must not lose. Thread-safe.
-    """
-
-    def __init__(
-        self,
-        store: AuditStore,
-        max_records: int = 500,
-        max_seconds: float = 1.0,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        if max_records < 1:
-            raise ValueError("max_records must be at least 1")
-        if max_seconds < 0 or math.isnan(max_seconds):
-            raise ValueError("max_seconds must not be negative")
-        self._store = store
-        self._max_records = max_records
-        self._max_seconds = max_seconds
-        self._clock = clock
-        self._pending: list[AuditRecord] = []
-        self._oldest_at: float | None = None
-        self._lock = threading.Lock()
-        self.appended = 0
-
-    @property
-    def pending(self) -> int:
-        """Records added but not stored yet."""
-        return len(self._pending)
-
-    def add(self, record: AuditRecord) -> None:
-        """Buffer a record; flushes when the batch is full or its oldest record is too old."""
-        with self._lock:
-            if not self._pending:
-                self._oldest_at = self._clock()
-            self._pending.append(record)
-            if len(self._pending) >= self._max_records or self._is_overdue():
-                self._flush_locked()
-
-    def flush(self) -> int:
-        """Store everything buffered now; returns how many records were written."""
-        with self._lock:
-            return self._flush_locked()
-
-    def close(self) -> None:
-        """Flush what is left."""
-        self.flush()
-
-    def _is_overdue(self) -> bool:
-        return self._oldest_at is not None and self._clock() - self._oldest_at >= self._max_seconds
-
-    def _flush_locked(self) -> int:
-        if not self._pending:
-            return 0
-        batch = self._pending
-        # Records stay buffered if the write fails, so a retried flush does not lose them.
-        self._store.append_many(batch)
-        self._pending = []
-        self._oldest_at = None
-        self.appended += len(batch)
-        return len(batch)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()

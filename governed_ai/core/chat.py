@@ -1,7 +1,8 @@
 """One chat call, independent of transport: the request, the result, and the structured-output loop.
 
-The loop is written sans-IO (it produces request arguments and consumes responses) so the sync hook, the
-async hook and tests drive exactly the same logic.
+The loop is written sans-IO: it produces request bodies and consumes :class:`Completion` objects, so the
+governed client can run it over the network, replay parts of it from the journal, and tests can drive it
+with no server at all.
 """
 
 from __future__ import annotations
@@ -11,17 +12,21 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from governed_ai.core.errors import StructuredOutputError
 from governed_ai.core.llm_settings import StructuredOutputMode
 from governed_ai.core.pricing import PriceTable
 from governed_ai.core.structured_output import (
-    StructuredOutputError,
     describe_failure,
     parse_reply,
     repair_message,
     response_format,
 )
+from governed_ai.core.transport import Completion
 
 Message = dict[str, Any]
+#: What a driver concluded from one reply: ``{"parsed": <output>}`` or ``{"parsed": None, "failure": <what
+#: was wrong>, "repair": <the message asking for a fix>}``.
+Verdict = dict[str, Any]
 
 
 class Usage(BaseModel):
@@ -40,9 +45,16 @@ class Usage(BaseModel):
             completion_tokens=self.completion_tokens + other.completion_tokens,
         )
 
+    def to_xcom(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }
+
 
 class ChatRequest(BaseModel):
-    """What the caller asks for; ``model`` is the concrete model name, already resolved."""
+    """What the caller asks for; ``model`` is a model name or a policy route alias such as ``default``."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
@@ -55,9 +67,28 @@ class ChatRequest(BaseModel):
     structured_output: StructuredOutputMode = "json_schema"
     extra_body: dict[str, Any] | None = None
 
+    def driver(self, prices: PriceTable) -> ChatDriver:
+        """The sans-IO loop that turns this request into request bodies and replies into a result."""
+        return StructuredChat(self, prices)
+
+    def base_body(self, messages: Sequence[Message]) -> dict[str, Any]:
+        """The JSON body of one request with ``messages``; subclasses add their fields."""
+        body: dict[str, Any] = {"model": self.model, "messages": list(messages)}
+        if self.temperature is not None:
+            body["temperature"] = self.temperature
+        if self.max_tokens is not None:
+            body["max_tokens"] = self.max_tokens
+        if self.extra_body:
+            body.update(self.extra_body)
+        return body
+
 
 class ChatResult(BaseModel):
-    """What a call produced, in a JSON-safe shape suitable for XCom and audit records."""
+    """What a call produced, in a JSON-safe shape suitable for XCom and audit records.
+
+    ``usage`` and ``cost_usd`` cover every attempt the answer took, including attempts an earlier try of
+    the task paid for and this one replayed from the journal (``replayed_attempts``).
+    """
 
     content: str | None
     output: dict[str, Any] | None = None
@@ -66,32 +97,31 @@ class ChatResult(BaseModel):
     cost_usd: float
     latency_ms: float
     attempts: int
+    replayed_attempts: int = 0
     finish_reason: str | None = None
 
-    def to_xcom(self) -> dict[str, Any]:
-        data = self.model_dump(mode="json")
-        data["usage"]["total_tokens"] = self.usage.total_tokens
-        return data
 
-
-class CompletionLike(Protocol):
-    """The part of ``openai.types.chat.ChatCompletion`` the loop reads."""
+class ChatDriver(Protocol):
+    """A sans-IO call: ``while (body := d.next_request()) is not None: d.feed(...)``, then ``d.result()``."""
 
     @property
-    def choices(self) -> Sequence[Any]: ...
+    def paid_attempts(self) -> int: ...
 
-    @property
-    def usage(self) -> Any: ...
+    def next_request(self) -> dict[str, Any] | None: ...
 
-    @property
-    def model(self) -> str: ...
+    def feed(
+        self, completion: Completion, seconds: float, *, replayed: bool = ..., verdict: Verdict | None = ...
+    ) -> Verdict | None: ...
+
+    def result(self) -> ChatResult: ...
 
 
 class StructuredChat:
-    """Drives one call: first request, then up to ``max_repair_attempts`` repair requests.
+    """Drives one call: the first request, then repair requests while the reply does not fit the schema.
 
-    Use: ``while (kwargs := chat.next_request()) is not None: chat.feed(create(**kwargs), seconds)``,
-    then ``chat.result()``.
+    A try may pay for at most ``1 + max_repair_attempts`` attempts; attempts replayed from the journal (an
+    earlier try paid for them) do not count, so a retried task continues repairing where the last try
+    stopped instead of asking the same questions again.
     """
 
     def __init__(self, request: ChatRequest, prices: PriceTable) -> None:
@@ -101,55 +131,78 @@ class StructuredChat:
         self._usage = Usage()
         self._latency_s = 0.0
         self._attempts = 0
+        self._replayed = 0
         self._done = False
         self._content: str | None = None
-        self._parsed: BaseModel | None = None
+        self._parsed: dict[str, Any] | None = None
         self._finish_reason: str | None = None
-        self._last_error: Exception | None = None
+        self._last_failure = ""
         self._model_seen = request.model
+        self._static_format = (
+            response_format(request.output_schema, request.structured_output)
+            if request.output_schema is not None
+            else None
+        )
+
+    @property
+    def paid_attempts(self) -> int:
+        return self._attempts - self._replayed
 
     def next_request(self) -> dict[str, Any] | None:
         if self._done:
             return None
-        req = self._request
-        kwargs: dict[str, Any] = {"model": req.model, "messages": list(self._messages)}
-        if req.temperature is not None:
-            kwargs["temperature"] = req.temperature
-        if req.max_tokens is not None:
-            kwargs["max_tokens"] = req.max_tokens
-        if req.output_schema is not None:
-            kwargs["response_format"] = response_format(req.output_schema, req.structured_output)
-        if req.extra_body:
-            kwargs["extra_body"] = req.extra_body
-        return kwargs
+        body = self._request.base_body(self._messages)
+        if self._static_format is not None:
+            body["response_format"] = self._static_format
+        return body
 
-    def feed(self, completion: CompletionLike, seconds: float) -> None:
+    def feed(
+        self,
+        completion: Completion,
+        seconds: float,
+        *,
+        replayed: bool = False,
+        verdict: Verdict | None = None,
+    ) -> Verdict | None:
+        """Take one reply; returns the verdict on it (the parsed output, or the repair to ask for), which
+        the journal keeps so that a replay reaches the same conclusion without parsing again."""
         self._attempts += 1
+        if replayed:
+            self._replayed += 1
         self._latency_s += seconds
-        self._model_seen = getattr(completion, "model", None) or self._model_seen
-        if completion.usage is not None:
-            self._usage = self._usage + Usage(
-                prompt_tokens=completion.usage.prompt_tokens or 0,
-                completion_tokens=completion.usage.completion_tokens or 0,
-            )
-        choice = completion.choices[0]
-        self._content = choice.message.content
-        self._finish_reason = choice.finish_reason
+        self._model_seen = completion.model or self._model_seen
+        self._usage = self._usage + Usage(
+            prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens
+        )
+        self._content = completion.content
+        self._finish_reason = completion.finish_reason
         schema = self._request.output_schema
         if schema is None:
             self._done = True
-            return
-        try:
-            self._parsed = parse_reply(self._content, schema)
+            return None
+        if verdict is None:
+            verdict = self._judge(schema)
+        if verdict.get("parsed") is not None:
+            self._parsed = verdict["parsed"]
             self._done = True
-            return
-        except (ValidationError, ValueError) as err:
-            self._last_error = err
-        if self._attempts > self._request.max_repair_attempts:
+            return verdict
+        self._last_failure = str(verdict.get("failure") or "")
+        if self.paid_attempts > self._request.max_repair_attempts:
             self._done = True
-            return
+            return verdict
         self._messages.append({"role": "assistant", "content": self._content or ""})
-        self._messages.append(repair_message(self._last_error, self._finish_reason))
+        self._messages.append(dict(verdict["repair"]))
+        return verdict
+
+    def _judge(self, schema: type[BaseModel]) -> Verdict:
+        try:
+            return {"parsed": parse_reply(self._content, schema).model_dump(mode="json")}
+        except (ValidationError, ValueError) as err:
+            return {
+                "parsed": None,
+                "failure": describe_failure(err),
+                "repair": repair_message(err, self._finish_reason),
+            }
 
     def result(self) -> ChatResult:
         schema = self._request.output_schema
@@ -157,16 +210,19 @@ class StructuredChat:
             shown = (self._content or "")[:500]
             raise StructuredOutputError(
                 f"The model's reply did not match output_schema {schema.__name__} after "
-                f"{self._attempts} attempt(s) ({self._request.max_repair_attempts} repair(s) allowed). "
-                f"What was wrong:\n{describe_failure(self._last_error or ValueError('no reply'))}\n"
+                f"{self._attempts} attempt(s) ({self._replayed} replayed from an earlier try, "
+                f"{self._request.max_repair_attempts} repair(s) allowed per try). What was wrong:\n"
+                f"{self._last_failure or '- no reply'}\n"
                 f"Last reply (first 500 chars): {shown!r}\n"
-                "Raise max_repair_attempts or max_tokens, simplify the schema, or use a stronger model.",
+                "A retry of the task continues the repairs from here without paying again for these "
+                "attempts. Or raise max_repair_attempts or max_tokens, simplify the schema, or use a "
+                "stronger model.",
                 prompt_tokens=self._usage.prompt_tokens,
                 completion_tokens=self._usage.completion_tokens,
             )
         return ChatResult(
             content=self._content,
-            output=self._parsed.model_dump(mode="json") if self._parsed is not None else None,
+            output=self._parsed,
             model=self._model_seen,
             usage=self._usage,
             cost_usd=self._prices.cost(
@@ -174,6 +230,7 @@ class StructuredChat:
             ),
             latency_ms=round(self._latency_s * 1000, 3),
             attempts=self._attempts,
+            replayed_attempts=self._replayed,
             finish_reason=self._finish_reason,
         )
 

@@ -1,18 +1,23 @@
-"""A replay journal: do a side-effecting piece of work at most once per idempotency key, across retries.
+"""The replay journal: every paid step is claimed before it is paid and completed before its slot is freed.
 
-Before the work, :meth:`ReplayJournal.begin` claims the key. The answer is one of:
+One table, one protocol, for every kind of step (``scope``): a request to a model (``chat``), to an
+embedding endpoint (``embed``), a side-effecting tool call (``tool``).
 
-- ``claimed``: nobody did it yet (or an earlier attempt failed cleanly): do it, then :meth:`~ReplayJournal.
-  complete` with its JSON result, or :meth:`~ReplayJournal.fail` if it raised;
-- ``completed``: it was done before: use the stored result instead of doing it again (a replay);
-- ``in_doubt``: an earlier attempt claimed it and never reported back (the process died mid-work, or it is
-  still running elsewhere). Whether the effect happened is unknown; the caller decides (work that is safe to
-  repeat passes ``reclaim_in_doubt=True``).
+- **claim** (state ``started``) right before the step is paid for, with the budget reservation it is
+  charged to;
+- **complete** with its JSON result and real usage once it returned, in the same group commit as its audit
+  record, before the caller goes on; or **fail** when it raised without effect.
 
-Entries live in the governance SQL store next to the audit trail, keyed by ``(scope, sha256(key))``: the
-primary key makes two concurrent claims of one key impossible on SQLite and PostgreSQL alike. ``scope``
-separates users (``"tool"`` for tool calls, ``"batch"`` for batch items). There is no automatic clean-up:
-entries are small, and deleting them would make old runs' retries repeat their effects.
+On an Airflow retry of the same task instance, a completed step is *replayed* from its result instead of
+being paid for again. A step that was claimed but never completed is *in doubt*: the try that claimed it
+died mid-step. A model request in doubt was probably served (and billed), so it is repeated and charged as
+paid; a side-effecting tool call in doubt is not repeated unless the tool is idempotent (a human checks).
+
+Keys are digests: a step's key is a digest of everything that makes it the same step (the task instance,
+and for a model request its whole request body), and rows also carry a digest of the task instance, so a
+try finds every step of its task instance in one query. With a deployment key, digests are keyed
+(HMAC-SHA256), so not even the digest of an item key can be looked up by guessing. No raw item key, prompt
+or argument is stored: ``label`` only says what kind of step it was.
 """
 
 from __future__ import annotations
@@ -20,17 +25,35 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from sqlalchemy import Column, Engine, Integer, RowMapping, String, Table, Text, select, update
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Engine,
+    Index,
+    Integer,
+    RowMapping,
+    String,
+    Table,
+    Text,
+    and_,
+    bindparam,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 
 from governed_ai.core.audit import canonical_json
 from governed_ai.core.sqlstore import (
     UtcDateTime,
+    dialect_name,
     ensure_tables,
     governance_metadata,
     insert_if_missing,
@@ -41,13 +64,15 @@ from governed_ai.core.sqlstore import (
 
 # Results are replayed into prompts and XComs; a journal is not a blob store.
 MAX_RESULT_BYTES = 1_000_000
+_LOOKUP_CHUNK = 500
 
 journal_table = Table(
     "governed_ai_journal",
     governance_metadata,
     Column("scope", String(64), primary_key=True),
     Column("key_sha256", String(64), primary_key=True),
-    Column("key", Text, nullable=False),
+    # What kind of step, never data: e.g. "chat fake-model" or "tool lookup_order".
+    Column("key", Text, nullable=False, key="label"),
     Column("state", String(16), nullable=False),
     Column("claim", String(32), nullable=False),
     Column("attempts", Integer, nullable=False),
@@ -55,6 +80,13 @@ journal_table = Table(
     Column("error", Text, nullable=True),
     Column("created_at", UtcDateTime, nullable=False),
     Column("updated_at", UtcDateTime, nullable=False),
+    Column("instance_sha256", String(64), nullable=True),
+    Column("try_number", Integer, nullable=True),
+    Column("reservation_id", String(36), nullable=True),
+    Column("prompt_tokens", BigInteger, nullable=True),
+    Column("completion_tokens", BigInteger, nullable=True),
+    Column("cost_usd", Text, nullable=True),  # decimal text: exact on every backend
+    Index("ix_governed_ai_journal_instance", "instance_sha256", "scope"),
 )
 
 
@@ -68,16 +100,30 @@ class JournalConflict(RuntimeError):
     """A completion or failure was reported for a key that is not in the ``started`` state."""
 
 
+def sha256_digest(text: str) -> str:
+    """Unkeyed sha256 hex: the digest used when the deployment configured no key."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+Digest = Callable[[str], str]
+
+
 @dataclass(frozen=True)
 class JournalEntry:
-    """One key's row: its state, the stored JSON result (once completed) and how often it was claimed."""
+    """One step's row: its state, the stored JSON result (once completed), usage and claims."""
 
     scope: str
-    key: str
+    key_sha256: str
+    label: str
     state: JournalState
     attempts: int
     result: Any
     error: str | None
+    try_number: int | None
+    reservation_id: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
     created_at: datetime
     updated_at: datetime
 
@@ -95,27 +141,109 @@ class Claim:
         return self.entry.result
 
 
-def key_digest(key: str) -> str:
-    """sha256 hex of an idempotency key: what audit records carry instead of the key itself."""
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+# -- steps for the group-commit writer --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StepClaim:
+    """Mark a step as started (being paid for) by try ``try_number``, charged to ``reservation_id``."""
+
+    scope: str
+    key_sha256: str
+    instance_sha256: str
+    label: str
+    try_number: int
+    reservation_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StepDone:
+    """A step returned: its JSON-ready result and what it really used."""
+
+    scope: str
+    key_sha256: str
+    instance_sha256: str
+    label: str
+    try_number: int
+    reservation_id: str | None
+    result: Any
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class StepFailed:
+    """A step raised without effect (nothing was paid): the next try may do it again."""
+
+    scope: str
+    key_sha256: str
+    error: str
+
+
+JournalStep = StepClaim | StepDone | StepFailed
 
 
 class ReplayJournal:
-    """The journal of one ``scope`` in the governance store (tables are created on first use)."""
+    """The journal of one ``scope`` in the governance store (tables are created on first use).
 
-    def __init__(self, engine: Engine, scope: str) -> None:
+    ``digest`` turns key material into the stored key (the deployment's keyed digest when there is one).
+    """
+
+    def __init__(self, engine: Engine, scope: str, *, digest: Digest = sha256_digest) -> None:
         if not scope or len(scope) > 64:
-            raise ValueError("scope must be 1-64 characters, e.g. 'tool' or 'batch'")
+            raise ValueError("scope must be 1-64 characters, e.g. 'tool' or 'chat'")
         self._engine = engine
         self.scope = scope
+        self.digest = digest
         ensure_tables(engine, [journal_table])
 
-    def begin(self, key: str, *, reclaim_in_doubt: bool = False) -> Claim:
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    # -- many steps of one task instance (the governed client) ------------------------------------------
+
+    def entries_for_instance(self, instance_sha256: str) -> dict[str, JournalEntry]:
+        """Every step of this scope that a try of the task instance claimed, by key digest."""
+        table = journal_table
+        with read_transaction(self._engine) as connection:
+            rows = connection.execute(
+                select(table).where(table.c.scope == self.scope, table.c.instance_sha256 == instance_sha256)
+            ).mappings()
+            return {row["key_sha256"]: _entry(row) for row in rows}
+
+    def lookup_many(self, keys: Sequence[str]) -> dict[str, JournalEntry]:
+        """Entries for these key digests (those that exist)."""
+        table = journal_table
+        found: dict[str, JournalEntry] = {}
+        with read_transaction(self._engine) as connection:
+            for start in range(0, len(keys), _LOOKUP_CHUNK):
+                rows = connection.execute(
+                    select(table).where(
+                        table.c.scope == self.scope,
+                        table.c.key_sha256.in_(keys[start : start + _LOOKUP_CHUNK]),
+                    )
+                ).mappings()
+                found.update((row["key_sha256"], _entry(row)) for row in rows)
+        return found
+
+    # -- one step at a time (tool calls) ----------------------------------------------------------------
+
+    def begin(
+        self,
+        key: str,
+        *,
+        reclaim_in_doubt: bool = False,
+        label: str = "",
+        instance: str | None = None,
+        try_number: int | None = None,
+    ) -> Claim:
         """Claim ``key`` for doing its work now, or say that it was done (or may have been) before."""
         if not key:
             raise ValueError("an idempotency key must not be empty")
         token = uuid.uuid4().hex
-        digest = key_digest(key)
+        digest = self.digest(key)
         now = utc_now()
         with write_transaction(self._engine) as connection:
             insert_if_missing(
@@ -124,12 +252,14 @@ class ReplayJournal:
                 {
                     "scope": self.scope,
                     "key_sha256": digest,
-                    "key": key,
+                    "label": label or self.scope,
                     "state": JournalState.STARTED.value,
                     "claim": token,
                     "attempts": 1,
                     "created_at": now,
                     "updated_at": now,
+                    "instance_sha256": instance,
+                    "try_number": try_number,
                 },
             )
             row = self._lock_row(connection, digest)
@@ -148,19 +278,14 @@ class ReplayJournal:
                     attempts=journal_table.c.attempts + 1,
                     error=None,
                     updated_at=now,
+                    try_number=try_number,
                 )
             )
             return Claim("claimed", _entry(self._lock_row(connection, digest)))
 
     def complete(self, key: str, result: Any) -> JournalEntry:
         """Record the JSON ``result`` of claimed work; later :meth:`begin` calls replay it."""
-        try:
-            encoded = canonical_json(result)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"a journaled result must be JSON (no NaN/Infinity): {error}") from error
-        if len(encoded.encode()) > MAX_RESULT_BYTES:
-            raise ValueError(f"a journaled result must be at most {MAX_RESULT_BYTES} bytes as JSON")
-        return self._finish(key, JournalState.COMPLETED, result=encoded, error=None)
+        return self._finish(key, JournalState.COMPLETED, result=encode_result(result), error=None)
 
     def fail(self, key: str, error: str) -> JournalEntry:
         """Record that claimed work failed without effect; the next :meth:`begin` claims it again.
@@ -172,20 +297,20 @@ class ReplayJournal:
     def lookup(self, key: str) -> JournalEntry | None:
         """The entry for ``key``, or None if it was never claimed."""
         with read_transaction(self._engine) as connection:
-            row = connection.execute(self._row(select(journal_table), key_digest(key))).mappings().first()
+            row = connection.execute(self._row(select(journal_table), self.digest(key))).mappings().first()
         return None if row is None else _entry(row)
 
     def _finish(
         self, key: str, state: JournalState, *, result: str | None, error: str | None
     ) -> JournalEntry:
-        digest = key_digest(key)
+        digest = self.digest(key)
         with write_transaction(self._engine) as connection:
             row = self._locked_row(connection, digest)
             if row is None or row["state"] != JournalState.STARTED.value:
                 found = "no entry" if row is None else f"state {row['state']!r}"
                 raise JournalConflict(
                     f"cannot mark {self.scope} journal key as {state.value}: expected state 'started', found "
-                    f"{found} (key sha256 {digest[:16]})"
+                    f"{found} (key digest {digest[:16]})"
                 )
             connection.execute(
                 self._row(update(journal_table), digest).values(
@@ -209,14 +334,127 @@ class ReplayJournal:
         return row
 
 
+def encode_result(result: Any) -> str:
+    """A step result as the journal stores it: canonical JSON, at most ``MAX_RESULT_BYTES``."""
+    try:
+        encoded = canonical_json(result)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"a journaled result must be JSON (no NaN/Infinity): {error}") from error
+    if len(encoded.encode()) > MAX_RESULT_BYTES:
+        raise ValueError(f"a journaled result must be at most {MAX_RESULT_BYTES} bytes as JSON")
+    return encoded
+
+
+def apply_steps(connection: Connection, steps: Iterable[JournalStep]) -> None:
+    """Write claims, completions and failures in the caller's transaction (the group-commit writer's)."""
+    claims: list[dict[str, Any]] = []
+    done: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    now = utc_now()
+    for step in steps:
+        if isinstance(step, StepClaim):
+            claims.append(
+                {
+                    "scope": step.scope,
+                    "key_sha256": step.key_sha256,
+                    "label": step.label,
+                    "state": JournalState.STARTED.value,
+                    "claim": uuid.uuid4().hex,
+                    "attempts": 1,
+                    "created_at": now,
+                    "updated_at": now,
+                    "instance_sha256": step.instance_sha256,
+                    "try_number": step.try_number,
+                    "reservation_id": step.reservation_id,
+                }
+            )
+        elif isinstance(step, StepDone):
+            done.append(
+                {
+                    "scope": step.scope,
+                    "key_sha256": step.key_sha256,
+                    "label": step.label,
+                    "state": JournalState.COMPLETED.value,
+                    "claim": "done",
+                    "attempts": 1,
+                    "result": encode_result(step.result),
+                    "created_at": now,
+                    "updated_at": now,
+                    "instance_sha256": step.instance_sha256,
+                    "try_number": step.try_number,
+                    "reservation_id": step.reservation_id,
+                    "prompt_tokens": step.prompt_tokens,
+                    "completion_tokens": step.completion_tokens,
+                    "cost_usd": repr(float(step.cost_usd)),
+                }
+            )
+        else:
+            failed.append({"b_scope": step.scope, "b_key": step.key_sha256, "b_error": step.error[:4000]})
+    insert = postgresql_insert if dialect_name(connection) == "postgresql" else sqlite_insert
+    table = journal_table
+    if claims:
+        statement = insert(table)
+        connection.execute(
+            statement.on_conflict_do_update(
+                index_elements=[table.c.scope, table.c.key_sha256],
+                set_={
+                    "state": statement.excluded.state,
+                    "claim": statement.excluded.claim,
+                    "attempts": table.c.attempts + 1,
+                    "try_number": statement.excluded.try_number,
+                    "reservation_id": statement.excluded.reservation_id,
+                    "updated_at": statement.excluded.updated_at,
+                },
+                # A step completed meanwhile (elsewhere) keeps its result.
+                where=table.c.state != JournalState.COMPLETED.value,
+            ),
+            claims,
+        )
+    if done:
+        statement = insert(table)
+        connection.execute(
+            statement.on_conflict_do_update(
+                index_elements=[table.c.scope, table.c.key_sha256],
+                set_={
+                    name: getattr(statement.excluded, name)
+                    for name in (
+                        "state",
+                        "claim",
+                        "result",
+                        "try_number",
+                        "reservation_id",
+                        "prompt_tokens",
+                        "completion_tokens",
+                        "cost_usd",
+                        "updated_at",
+                    )
+                },
+            ),
+            done,
+        )
+    if failed:
+        connection.execute(
+            update(table)
+            .where(and_(table.c.scope == bindparam("b_scope"), table.c.key_sha256 == bindparam("b_key")))
+            .values(state=JournalState.FAILED.value, error=bindparam("b_error"), updated_at=now),
+            failed,
+        )
+
+
 def _entry(row: RowMapping) -> JournalEntry:
     return JournalEntry(
         scope=row["scope"],
-        key=row["key"],
+        key_sha256=row["key_sha256"],
+        label=row["label"],
         state=JournalState(row["state"]),
         attempts=int(row["attempts"]),
         result=None if row["result"] is None else json.loads(row["result"]),
         error=row["error"],
+        try_number=row["try_number"],
+        reservation_id=row["reservation_id"],
+        prompt_tokens=int(row["prompt_tokens"] or 0),
+        completion_tokens=int(row["completion_tokens"] or 0),
+        cost_usd=float(row["cost_usd"] or 0.0),
         created_at=row["created_at"],
         updated_at=row["updated_at"],
     )

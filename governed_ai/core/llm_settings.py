@@ -7,12 +7,13 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator
 
+from governed_ai.core.errors import ConfigurationError
 from governed_ai.core.pricing import PriceTable
 
 StructuredOutputMode = Literal["json_schema", "json_object"]
 
 
-class ConnectionConfigError(ValueError):
+class ConnectionConfigError(ConfigurationError):
     """A connection's fields are wrong; the message names the connection, the field and the fix."""
 
 
@@ -32,7 +33,8 @@ class LLMConnectionSettings(BaseModel):
     organization: str | None = None
     project: str | None = None
     timeout: PositiveFloat = 60.0
-    max_retries: int = Field(default=3, ge=0, le=10)
+    max_retries: int = Field(default=3, ge=0, le=20)
+    deadline_seconds: PositiveFloat | None = None
     structured_output: StructuredOutputMode = "json_schema"
     prices: PriceTable = Field(default_factory=PriceTable)
 

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import DateTime, Engine, Insert, MetaData, Table, create_engine, event, text
+from sqlalchemy import DateTime, Engine, Insert, MetaData, Table, create_engine, event, inspect, text
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, Connection, make_url
@@ -176,8 +176,30 @@ def ensure_tables(engine: Engine, tables: Sequence[Table]) -> None:
         if dialect_name(connection) == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_DDL_LOCK_KEY})
         governance_metadata.create_all(connection, tables=list(tables), checkfirst=True)
+        for table in tables:
+            _add_missing_columns(connection, table)
     with _created_tables_lock:
         _created_tables.setdefault(engine, set()).update(names)
+
+
+def _add_missing_columns(connection: Connection, table: Table) -> None:
+    """Bring a table created by an older version up to date: add its new (nullable) columns and indexes.
+
+    Columns are only ever added by the provider, never renamed or dropped, so this is the whole migration.
+    """
+    inspector = inspect(connection)
+    existing = {column["name"] for column in inspector.get_columns(table.name)}
+    for column in table.columns:
+        if column.name in existing:
+            continue
+        if not column.nullable:  # pragma: no cover - a programming error, caught by the tests
+            raise RuntimeError(f"new column {table.name}.{column.name} must be nullable to be added")
+        kind = column.type.compile(dialect=connection.dialect)
+        connection.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
+    indexes = {index["name"] for index in inspector.get_indexes(table.name)}
+    for index in table.indexes:
+        if index.name not in indexes:
+            index.create(connection, checkfirst=True)
 
 
 def insert_if_missing(connection: Connection, table: Table, values: dict[str, Any]) -> None:

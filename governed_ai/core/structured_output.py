@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
 from governed_ai.core.llm_settings import StructuredOutputMode
-
-
-class StructuredOutputError(ValueError):
-    """The model's reply still did not fit the schema after every repair attempt.
-
-    ``prompt_tokens``/``completion_tokens`` are what the failed attempts used: they were paid for, so
-    budgets must be charged for them.
-    """
-
-    def __init__(self, message: str, *, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
-        super().__init__(message)
-        self.prompt_tokens = prompt_tokens
-        self.completion_tokens = completion_tokens
 
 
 def ensure_schema_model(value: object, parameter: str = "output_schema") -> type[BaseModel] | None:
@@ -35,8 +23,10 @@ def ensure_schema_model(value: object, parameter: str = "output_schema") -> type
     )
 
 
+@functools.lru_cache(maxsize=256)
 def response_format(schema_model: type[BaseModel], mode: StructuredOutputMode) -> dict[str, Any]:
-    """The ``response_format`` argument for the chosen server dialect."""
+    """The ``response_format`` argument for the chosen server dialect (computed once per schema: callers
+    must not modify the returned dict)."""
     schema = schema_model.model_json_schema()
     if mode == "json_object":
         return {"type": "json_object", "schema": schema}

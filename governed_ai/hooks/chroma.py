@@ -12,7 +12,7 @@ from airflow.sdk.exceptions import AirflowNotFoundException
 
 from governed_ai.core.paths import provider_home
 from governed_ai.core.retrieval.chroma_store import ChromaStore
-from governed_ai.core.retrieval.embeddings import OfflineMiniLMEmbedding, OpenAICompatibleEmbedding
+from governed_ai.core.retrieval.embeddings import Embedder, OfflineMiniLMEmbedding
 from governed_ai.core.retrieval.settings import ChromaSettings
 from governed_ai.hooks.connection_fields import extra_fields
 
@@ -46,7 +46,8 @@ class ChromaHook(BaseHook):
     (extra ``path`` to change it): fine for one machine, not for several workers. With ``host``/``port``
     (``ssl``, and the auth token in the password field) the hook talks to a ``chroma run`` server.
     Embeddings: ``embedding="offline"`` (default; all-MiniLM-L6-v2 in ONNX from PyPI, no network, no torch)
-    or ``embedding="openai"`` with ``embedding_model`` through the LLM connection ``embedding_conn_id``.
+    or ``embedding="openai"`` with ``embedding_model`` through the LLM connection ``embedding_conn_id``;
+    the operators send those requests through the governed client (grant, budget, redaction, audit).
 
     :param chroma_conn_id: Connection of type ``governed_ai_chroma`` (optional).
     """
@@ -105,22 +106,13 @@ class ChromaHook(BaseHook):
                     )
             return _CLIENTS[key]
 
-    @cached_property
-    def embedding_function(self) -> OfflineMiniLMEmbedding | OpenAICompatibleEmbedding:
-        s = self.settings
-        if s.embedding == "offline":
-            return _offline_embedding()
-        from governed_ai.hooks.llm import LLMHook
+    def store(self, embedder: Embedder | None) -> ChromaStore:
+        """The collections of this connection with ``embedder`` (None: count, check and delete only)."""
+        return ChromaStore(self.get_conn(), embedder)
 
-        return OpenAICompatibleEmbedding(
-            model=str(s.embedding_model), client=LLMHook(llm_conn_id=s.embedding_conn_id).client
-        )
-
-    @cached_property
-    def store(self) -> ChromaStore:
-        """The collections of this connection, with the provider's conventions (see ChromaStore)."""
-        ef = self.embedding_function
-        return ChromaStore(self.get_conn(), ef, ef.model_id)
+    def offline_embedder(self) -> OfflineMiniLMEmbedding:
+        """The in-process embedding model (shared by every hook of the process; loaded once)."""
+        return _offline_embedding()
 
     def test_connection(self) -> tuple[bool, str]:
         try:

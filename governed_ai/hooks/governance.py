@@ -11,6 +11,7 @@ from airflow.sdk.exceptions import AirflowNotFoundException
 from pydantic import BaseModel, ConfigDict
 
 from governed_ai.core.audit import AuditStore
+from governed_ai.core.client import GovernedClient
 from governed_ai.core.governor import EngineSource, FixedPolicy, Governor
 from governed_ai.core.ledger import BudgetLedger
 from governed_ai.core.paths import default_store_url
@@ -18,6 +19,7 @@ from governed_ai.core.policy import PolicyEngine, PolicyProvider
 from governed_ai.core.sqlstore import create_store_engine
 from governed_ai.core.subject import Subject
 from governed_ai.hooks.connection_fields import extra_fields
+from governed_ai.hooks.llm import LLMHook
 from governed_ai.hooks.observers import default_observers
 
 if TYPE_CHECKING:
@@ -119,6 +121,40 @@ class GovernanceHook(BaseHook):
 
     def get_conn(self) -> Governor:
         return self.governor
+
+    def governed_client(
+        self,
+        context: Context,
+        *,
+        llm_conn_id: str = LLMHook.default_conn_name,
+        budget_block_size: int = 1,
+        requests_per_minute: float | None = None,
+        tokens_per_minute: float | None = None,
+        max_retries: int | None = None,
+        deadline_seconds: float | None = None,
+    ) -> GovernedClient:
+        """The governed client for the running task and an LLM connection: the one way to call a model.
+
+        Use it as a context manager (``with hook.governed_client(context) as client: ...``): closing it
+        settles the task's budget blocks and flushes its journal and audit writes.
+        """
+        llm = LLMHook(llm_conn_id=llm_conn_id)
+        settings = llm.settings
+        return GovernedClient(
+            self.governor,
+            llm.transport(
+                requests_per_minute=requests_per_minute,
+                tokens_per_minute=tokens_per_minute,
+                max_retries=max_retries,
+            ),
+            self.subject_from_context(context),
+            connection_id=llm_conn_id,
+            prices=settings.prices,
+            structured_output=settings.structured_output,
+            default_model=settings.default_model,
+            budget_block_size=budget_block_size,
+            deadline_seconds=deadline_seconds if deadline_seconds is not None else settings.deadline_seconds,
+        )
 
     @staticmethod
     def subject_from_context(context: Context) -> Subject:

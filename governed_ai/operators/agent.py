@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-import openai
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowFailException
 from pydantic import BaseModel, ValidationError
 
-from governed_ai.core.chat import ChatRequest, ChatResult
-from governed_ai.core.governor import GovernanceDenied, ModelUnavailable
+from governed_ai.core.errors import GovernanceDenied, InvalidInput
 from governed_ai.core.prompt_version import prompt_version
 from governed_ai.core.structured_output import ensure_schema_model
 from governed_ai.core.tools import (
@@ -22,16 +18,16 @@ from governed_ai.core.tools import (
     AgentResult,
     GovernedAgent,
     GovernedToolRunner,
-    NativeToolChat,
     Tool,
-    ToolCallInDoubt,
     ToolChoiceMode,
     ToolRegistry,
     granted_tool_names,
 )
 from governed_ai.core.untrusted import UntrustedText
+from governed_ai.core.xcom import ai_xcom, governance_xcom
 from governed_ai.hooks.governance import GovernanceHook
-from governed_ai.hooks.llm import LLMCallError, LLMHook, ModelNotServed
+from governed_ai.hooks.llm import LLMHook
+from governed_ai.operators.errors import airflow_errors
 from governed_ai.operators.lineage import operator_lineage
 from governed_ai.operators.tool import replay_journal, resolve_tools
 from governed_ai.plugins.links import AuditRecordsLink
@@ -98,6 +94,9 @@ class AgentOperator(BaseOperator):
     :param temperature: Sampling temperature; None keeps the endpoint's default.
     :param max_tokens: Reply tokens per model call.
     :param registry: Where tool names are looked up; default the process registry that ``@tool`` fills.
+    :param max_retries: Retries of one model request on transient errors; default: the connection's.
+    :param deadline_seconds: One model request's time limit over all its retries; default: the
+        connection's.
     :param llm_conn_id: Connection of type ``governed_ai_llm``.
     :param governance_conn_id: Connection of type ``governed_ai_governance``; optional when the
         ``[governed_ai]`` config section names the policy.
@@ -129,6 +128,8 @@ class AgentOperator(BaseOperator):
         temperature: float | None = 0.0,
         max_tokens: int = 256,
         registry: ToolRegistry | None = None,
+        max_retries: int | None = None,
+        deadline_seconds: float | None = None,
         llm_conn_id: str = LLMHook.default_conn_name,
         governance_conn_id: str = GovernanceHook.default_conn_name,
         **kwargs: Any,
@@ -169,6 +170,8 @@ class AgentOperator(BaseOperator):
         self.model = model
         self.temperature = temperature
         self.max_tokens = max_tokens
+        self.max_retries = max_retries
+        self.deadline_seconds = deadline_seconds
         self.llm_conn_id = llm_conn_id
         self.governance_conn_id = governance_conn_id
         # Versioned from the templates as written, before rendering, like LLMOperator.
@@ -188,56 +191,56 @@ class AgentOperator(BaseOperator):
             return []
         items = [self.context] if isinstance(self.context, str) else self.context
         if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
-            raise AirflowFailException(
+            raise InvalidInput(
                 f"{self.task_id}: 'context' must render to a string or a list of strings, "
                 f"got {type(self.context).__name__}."
             )
         return [UntrustedText(text=item, source=f"context {i + 1}") for i, item in enumerate(items)]
 
     def execute(self, context: Context) -> dict[str, Any]:
-        if not str(self.prompt).strip():
-            raise AirflowFailException(
-                f"{self.task_id}: 'prompt' rendered to an empty string; nothing to do."
-            )
-        governor = self.governance.governor
-        subject = self.governance.subject_from_context(context)
-        names = [t.name for t in self.tools]
-        granted = set(granted_tool_names(governor.engine(), subject, names))
-        offered = [t for t in self.tools if t.name in granted]
-        withheld = [name for name in names if name not in granted]
-        if withheld:
-            self.log.info("Tools withheld by policy (not offered to the model): %s", ", ".join(withheld))
-        journal = replay_journal(self.governance) if any(t.side_effects for t in self.tools) else None
-        agent = GovernedAgent(
-            governor=governor,
-            subject=subject,
-            connection_id=self.llm_conn_id,
-            call_model=self._call_constrained if self.mode == "constrained" else self._call_native,
-            prices=self.hook.settings.prices,
-            tools=GovernedToolRunner(governor, subject, self.tools, journal),
-            prompt_version=self.prompt_version_id,
-        )
-        loop = AgentLoop(
-            prompt=self.prompt,
-            tools=offered,
-            mode=self.mode,
-            model=self.hook.resolve_model(self.model),
-            system_prompt=self.system_prompt,
-            context=self.untrusted_context(),
-            answer_schema=self.output_schema,
-            limits=self.limits,
-            require_tool_call=self.require_tool_call,
-            max_tokens=self.max_tokens,
-            temperature=self.temperature,
-            structured_output=self.hook.settings.structured_output,
-        )
-        try:
-            result = agent.run(loop)
-        except GovernanceDenied as denied:
-            self.log.info("Agent stopped after %d step(s) by a governance denial.", loop.steps)
-            raise AirflowFailException(f"{self.task_id}: denied by governance: {denied}") from denied
-        except ToolCallInDoubt as doubt:
-            raise AirflowFailException(f"{self.task_id}: {doubt}") from doubt
+        with airflow_errors(self.task_id):
+            if not str(self.prompt).strip():
+                raise InvalidInput(f"{self.task_id}: 'prompt' rendered to an empty string; nothing to do.")
+            governor = self.governance.governor
+            with self.governance.governed_client(
+                context,
+                llm_conn_id=self.llm_conn_id,
+                max_retries=self.max_retries,
+                deadline_seconds=self.deadline_seconds,
+            ) as client:
+                names = [t.name for t in self.tools]
+                granted = set(granted_tool_names(governor.engine(), client.subject, names))
+                offered = [t for t in self.tools if t.name in granted]
+                withheld = [name for name in names if name not in granted]
+                if withheld:
+                    self.log.info(
+                        "Tools withheld by policy (not offered to the model): %s", ", ".join(withheld)
+                    )
+                journal = replay_journal(self.governance) if any(t.side_effects for t in self.tools) else None
+                agent = GovernedAgent(
+                    client=client,
+                    tools=GovernedToolRunner(governor, client.subject, self.tools, journal),
+                    prompt_version=self.prompt_version_id,
+                )
+                loop = AgentLoop(
+                    prompt=self.prompt,
+                    tools=offered,
+                    mode=self.mode,
+                    model=client.resolve_requested(self.model),
+                    system_prompt=self.system_prompt,
+                    context=self.untrusted_context(),
+                    answer_schema=self.output_schema,
+                    limits=self.limits,
+                    require_tool_call=self.require_tool_call,
+                    max_tokens=self.max_tokens,
+                    temperature=self.temperature,
+                    structured_output=client.structured_output,
+                )
+                try:
+                    result = agent.run(loop)
+                except GovernanceDenied:
+                    self.log.info("Agent stopped after %d step(s) by a governance denial.", loop.steps)
+                    raise
         self._log_result(result)
         if not result.answered and self.require_final_answer:
             raise AgentIncomplete(
@@ -246,16 +249,28 @@ class AgentOperator(BaseOperator):
                 "(max_steps, timeout_seconds, max_total_tokens), simplify the task, or set "
                 "require_final_answer=False to accept no answer."
             )
-        data = result.to_xcom()
-        data["withheld_tools"] = withheld
         self._lineage_result = result
-        return data
+        return ai_xcom(
+            model=result.model,
+            prompt_tokens=result.usage.prompt_tokens,
+            completion_tokens=result.usage.completion_tokens,
+            cost_usd=result.cost_usd,
+            latency_ms=None,
+            governance=governance_xcom(
+                rule=agent.rule,
+                prompt_version=self.prompt_version_id,
+                redactions=agent.redactions,
+                fallbacks_tried=sorted(agent.fallbacks_tried),
+            ),
+            **{k: v for k, v in result.to_xcom().items() if k not in ("usage", "cost_usd", "model")},
+            withheld_tools=withheld,
+        )
 
     def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
         result = getattr(self, "_lineage_result", None)
         if result is None:
             return None
-        model = self.model or self.hook.settings.default_model or "default"
+        model = result.model or self.model or self.hook.settings.default_model or "default"
 
         def build(ol: Any, _: Any) -> tuple[list[Any], list[Any], Any]:
             used = sorted({e.tool for e in result.transcript if e.tool and e.decision == "allowed"})
@@ -298,30 +313,3 @@ class AgentOperator(BaseOperator):
             result.usage.total_tokens,
             result.cost_usd,
         )
-
-    def _call_constrained(self, request: ChatRequest) -> ChatResult:
-        """Structured output through the LLM hook (with its repair loop); endpoint failures may fall back."""
-        try:
-            self.hook.ensure_model_served(request.model)
-            return self.hook.chat(request)
-        except (LLMCallError, ModelNotServed) as err:
-            raise ModelUnavailable(str(err)) from err
-
-    def _call_native(self, request: ChatRequest) -> ChatResult:
-        """One native tool-calling request over the hook's client."""
-        try:
-            self.hook.ensure_model_served(request.model)
-        except ModelNotServed as err:
-            raise ModelUnavailable(str(err)) from err
-        chat = NativeToolChat(request, self.hook.settings.prices)
-        while (kwargs := chat.next_request()) is not None:
-            started = time.perf_counter()
-            try:
-                completion = self.hook.client.chat.completions.create(**kwargs)
-            except openai.APIError as err:
-                raise ModelUnavailable(
-                    f"tool-calling request to connection '{self.llm_conn_id}' failed for model "
-                    f"'{request.model}': {err}"
-                ) from err
-            chat.feed(completion, time.perf_counter() - started)
-        return chat.result()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -15,28 +14,24 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from pydantic import BaseModel, ValidationError
 
-from governed_ai.core.audit import AuditBuffer, AuditRecord
+from governed_ai.core.audit import AuditRecord
 from governed_ai.core.batch import (
-    BatchInputError,
-    BatchJournal,
     BatchProgress,
     BatchPrompt,
     BatchRun,
     BatchRunner,
     BatchSettings,
     CallSettings,
-    JournalWriter,
-    journal_prefix,
     make_items,
     parse_rows,
 )
-from governed_ai.core.governor import GovernanceDenied, Governor
+from governed_ai.core.errors import InvalidInput
 from governed_ai.core.paths import provider_home
-from governed_ai.core.policy import Decision
 from governed_ai.core.structured_output import ensure_schema_model
-from governed_ai.core.subject import Subject
+from governed_ai.core.xcom import ai_xcom, governance_xcom, rows_manifest
 from governed_ai.hooks.governance import GovernanceHook
 from governed_ai.hooks.llm import LLMHook
+from governed_ai.operators.errors import airflow_errors
 from governed_ai.operators.lineage import operator_lineage
 from governed_ai.operators.storage import is_uri, storage_path
 from governed_ai.plugins.links import AuditRecordsLink
@@ -87,7 +82,9 @@ class LLMBatchOperator(BaseOperator):
     :param concurrency: Calls in flight at once (default 8).
     :param requests_per_minute: Client-side request rate limit (None: unlimited).
     :param tokens_per_minute: Client-side token rate limit, on estimated tokens (None: unlimited).
-    :param max_attempts: Tries per HTTP exchange of an item on transient errors (default 4).
+    :param max_retries: Retries of one request on transient errors (429 honouring Retry-After, 5xx,
+        timeouts, malformed bodies); default: the connection's ``max_retries``.
+    :param deadline_seconds: One request's time limit over all its retries; default: the connection's.
     :param max_failure_rate: Fail the task when more than this fraction of items failed (default 0.05).
     :param output_path: Write results (JSONL) here, plus ``<name>.failures.jsonl`` beside it. Templated.
     :param max_xcom_items: Above this many items, results go to a file even without ``output_path``
@@ -122,7 +119,8 @@ class LLMBatchOperator(BaseOperator):
         concurrency: int = 8,
         requests_per_minute: float | None = None,
         tokens_per_minute: float | None = None,
-        max_attempts: int = 4,
+        max_retries: int | None = None,
+        deadline_seconds: float | None = None,
         max_failure_rate: float = 0.05,
         output_path: str | None = None,
         max_xcom_items: int = 100,
@@ -149,12 +147,7 @@ class LLMBatchOperator(BaseOperator):
             raise ValueError(f"{self.task_id}: 'max_xcom_items' must be 0 or more.")
         try:
             self.settings = BatchSettings(
-                concurrency=concurrency,
-                max_attempts=max_attempts,
-                requests_per_minute=requests_per_minute,
-                tokens_per_minute=tokens_per_minute,
-                budget_block_size=budget_block_size,
-                progress_interval_seconds=progress_interval_seconds,
+                concurrency=concurrency, progress_interval_seconds=progress_interval_seconds
             )
             self.prompt = BatchPrompt(
                 prompt_template, system_prompt, name=prompt_name, version=prompt_version_label
@@ -174,6 +167,17 @@ class LLMBatchOperator(BaseOperator):
         self.max_failure_rate = max_failure_rate
         self.output_path = output_path
         self.max_xcom_items = max_xcom_items
+        if not 1 <= budget_block_size <= 1000:
+            raise ValueError(f"{self.task_id}: 'budget_block_size' must be 1..1000, got {budget_block_size}.")
+        if max_retries is not None and not 0 <= max_retries <= 20:
+            raise ValueError(f"{self.task_id}: 'max_retries' must be 0..20, got {max_retries}.")
+        if deadline_seconds is not None and deadline_seconds <= 0:
+            raise ValueError(f"{self.task_id}: 'deadline_seconds' must be positive, got {deadline_seconds}.")
+        self.requests_per_minute = requests_per_minute
+        self.tokens_per_minute = tokens_per_minute
+        self.budget_block_size = budget_block_size
+        self.max_retries = max_retries
+        self.deadline_seconds = deadline_seconds
         self.llm_conn_id = llm_conn_id
         self.governance_conn_id = governance_conn_id
 
@@ -194,11 +198,11 @@ class LLMBatchOperator(BaseOperator):
                 try:
                     rows = json.loads(rows)
                 except json.JSONDecodeError:
-                    raise TypeError(
+                    raise InvalidInput(
                         f"{self.task_id}: 'items' rendered to text that is not a JSON list."
                     ) from None
             if not isinstance(rows, list | tuple):
-                raise TypeError(f"{self.task_id}: 'items' must be a list, got {type(rows).__name__}.")
+                raise InvalidInput(f"{self.task_id}: 'items' must be a list, got {type(rows).__name__}.")
             return list(rows)
         given = str(self.input_path)
         path = storage_path(given)
@@ -206,84 +210,59 @@ class LLMBatchOperator(BaseOperator):
             raise FileNotFoundError(f"{self.task_id}: 'input_path' {given!r} does not exist.")
         return parse_rows(path.read_text(encoding="utf-8"), given)
 
-    # -- governance ---------------------------------------------------------------------------------
-
-    def _authorize(self, governor: Governor, subject: Subject, requested: str) -> tuple[str, Decision]:
-        """The first model of the policy's route that the endpoint serves, authorized (and audited)."""
-        engine = governor.engine()
-        candidates = engine.resolve_model(subject, self.llm_conn_id, requested)
-        if not candidates:
-            governor.enforce(
-                subject, engine.authorize_model(subject, self.llm_conn_id, requested), model=requested
-            )
-        served = self.hook.served_models
-        usable = [m for m in candidates if not served or m in served] or candidates
-        model = usable[0]
-        decision = governor.enforce(
-            subject,
-            engine.authorize_model(subject, self.llm_conn_id, model),
-            model=model,
-            prompt_version=self.prompt.version_id,
-        )
-        self.hook.ensure_model_served(model)
-        return model, decision
-
     # -- run ----------------------------------------------------------------------------------------
 
     def execute(self, context: Context) -> dict[str, Any]:
-        try:
+        with airflow_errors(self.task_id):
             items = make_items(self.load_rows(), self.key_field)
-        except BatchInputError as error:
-            raise ValueError(f"{self.task_id}: {error}") from None
-        if not items:
-            raise ValueError(f"{self.task_id}: the batch is empty; nothing to do.")
-        governor = self.governance.governor
-        subject = self.governance.subject_from_context(context)
-        try:
-            model, decision = self._authorize(governor, subject, self.hook.resolve_model(self.model))
-        except GovernanceDenied as denied:
-            raise AirflowFailException(f"{self.task_id}: denied by governance: {denied}") from denied
-        call = CallSettings(
-            model=model,
-            temperature=self.temperature,
-            max_tokens=self.max_tokens,
-            output_schema=self.output_schema,
-            max_repair_attempts=self.max_repair_attempts,
-            structured_output=self.hook.settings.structured_output,
-        )
-        journal = BatchJournal(
-            governor.audit.engine,
-            journal_prefix(
-                subject, prompt_version=self.prompt.version_id, model=model, parameters=self._call_key()
-            ),
-        )
-        replayed = journal.completed([i.key for i in items])
-        self.log.info(
-            "Batch of %d items, model %s, %s, concurrency %d; %d done by an earlier try will be replayed",
-            len(items),
-            model,
-            self.prompt.description,
-            self.settings.concurrency,
-            len(replayed),
-        )
-        run = self._run(governor, subject, model, decision, call, journal, replayed, items, context)
-        governor.record(
-            AuditRecord.for_subject(
-                subject,
-                action="batch.summary",
-                resource=f"{self.llm_conn_id}/{model}",
-                decision="n/a",
-                rule=decision.rule,
-                model=model,
-                prompt_version=self.prompt.version_id,
-                outcome="ok" if not run.failures else "partial",
-                extra=run.summary(),
-            )
-        )
+            if not items:
+                raise InvalidInput(f"{self.task_id}: the batch is empty; nothing to do.")
+            prompt = self.prompt.with_globals(params=dict(context.get("params") or {}))
+            with self.governance.governed_client(
+                context,
+                llm_conn_id=self.llm_conn_id,
+                budget_block_size=self.budget_block_size,
+                requests_per_minute=self.requests_per_minute,
+                tokens_per_minute=self.tokens_per_minute,
+                max_retries=self.max_retries,
+                deadline_seconds=self.deadline_seconds,
+            ) as client:
+                requested = client.resolve_requested(self.model)
+                call = CallSettings(
+                    model=requested,
+                    temperature=self.temperature,
+                    max_tokens=self.max_tokens,
+                    output_schema=self.output_schema,
+                    max_repair_attempts=self.max_repair_attempts,
+                )
+                self.log.info(
+                    "Batch of %d items, model %s, %s, concurrency %d",
+                    len(items),
+                    requested,
+                    prompt.description,
+                    self.settings.concurrency,
+                )
+                runner = BatchRunner(client, call, prompt, self.settings, on_progress=self._log_progress)
+                with _quiet_http_logs():
+                    run = client.run(runner.run(items))
+                model = _model_used(run) or requested
+                client.writer.write_sync(
+                    records=[
+                        AuditRecord.for_subject(
+                            client.subject,
+                            action="batch.summary",
+                            resource=f"{self.llm_conn_id}/{model}",
+                            decision="n/a",
+                            model=model,
+                            prompt_version=prompt.version_id,
+                            outcome="ok" if not run.failures else "partial",
+                            extra=run.summary(),
+                        )
+                    ]
+                )
         payload = self._publish(run, model, context)
         self._lineage_facts = {
             "model": model,
-            "rule": decision.rule,
             "summary": run.summary(),
             "results_path": payload.get("results_path"),
         }
@@ -306,10 +285,9 @@ class LLMBatchOperator(BaseOperator):
                 model=facts["model"],
                 promptVersion=self.prompt.version_id,
                 calls=summary["ok"] + summary["failed"],
-                promptTokens=0,
-                completionTokens=0,
+                promptTokens=summary["prompt_tokens"],
+                completionTokens=summary["completion_tokens"],
                 costUsd=summary["cost_usd"],
-                policyRule=facts["rule"],
                 policyDecision="allow",
                 details={
                     key: summary[key] for key in ("total", "ok", "replayed", "failed", "not_run", "tokens")
@@ -319,65 +297,31 @@ class LLMBatchOperator(BaseOperator):
 
         return operator_lineage(build)
 
-    def _call_key(self) -> dict[str, Any]:
-        schema = self.output_schema.model_json_schema() if self.output_schema is not None else None
-        return {
-            "temperature": self.temperature,
-            "max_tokens": self.max_tokens,
-            "schema": schema,
-            "max_repair_attempts": self.max_repair_attempts,
-            "key_field": self.key_field,
-        }
-
-    def _run(
-        self,
-        governor: Governor,
-        subject: Subject,
-        model: str,
-        decision: Decision,
-        call: CallSettings,
-        journal: BatchJournal,
-        replayed: dict[str, Any],
-        items: list[Any],
-        context: Context,
-    ) -> BatchRun:
-        writer = JournalWriter(journal, governor.audit)
-        client = self.hook.new_async_client(max_retries=0)
-        params = dict(context.get("params") or {})
-        prompt = self.prompt.with_globals(params=params)
-        runner = BatchRunner(
-            governor=governor,
-            subject=subject,
-            client=client,
-            connection_id=self.llm_conn_id,
-            decision=decision,
-            call=call,
-            prompt=prompt,
-            prices=self.hook.settings.prices,
-            audit=AuditBuffer(governor.audit, max_records=500, max_seconds=1.0),
-            journal=writer,
-            replayed=replayed,
-            settings=self.settings,
-            on_progress=self._log_progress,
-        )
-
-        async def run_and_close() -> BatchRun:
-            try:
-                return await runner.run(items)
-            finally:
-                await client.close()
-
-        try:
-            with _quiet_http_logs():
-                return asyncio.run(run_and_close())
-        finally:
-            writer.close()
-
     def _log_progress(self, progress: BatchProgress) -> None:
         self.log.info("%s", progress.line())
 
+    def _xcom_base(self, run: BatchRun, model: str) -> dict[str, Any]:
+        """The AI operators' common XCom core, for the batch as a whole."""
+        governance = [o.result["governance"] for o in run.outcomes if o.result and "governance" in o.result]
+        summary = run.summary()
+        return ai_xcom(
+            model=model,
+            prompt_tokens=summary["prompt_tokens"],
+            completion_tokens=summary["completion_tokens"],
+            cost_usd=summary["cost_usd"],
+            latency_ms=summary["seconds"] * 1000,
+            governance=governance_xcom(
+                rule=next((g["rule"] for g in governance if g.get("rule")), None),
+                prompt_version=self.prompt.version_id,
+                redactions=sum(int(g.get("redactions") or 0) for g in governance),
+                fallbacks_tried=sorted({m for g in governance for m in g.get("fallbacks_tried") or ()}),
+            ),
+            summary=summary,
+            prompt_version=self.prompt.version_id,
+        )
+
     def _publish(self, run: BatchRun, model: str, context: Context) -> dict[str, Any]:
-        base = {"summary": run.summary(), "model": model, "prompt_version": self.prompt.version_id}
+        base = self._xcom_base(run, model)
         rows = [o.to_json() for o in run.outcomes]
         failures = [o.to_json() for o in run.failures]
         if self.output_path is None and len(rows) <= self.max_xcom_items:
@@ -389,7 +333,8 @@ class LLMBatchOperator(BaseOperator):
             remote.write_text("".join(json.dumps(row) + "\n" for row in rows))
             remote_failures.write_text("".join(json.dumps(row) + "\n" for row in failures))
             self.log.info("Wrote %d results to %s and %d failures", len(rows), remote, len(failures))
-            return {**base, "results_path": str(remote), "failures_path": str(remote_failures)}
+            return {**base, **rows_manifest(str(remote), str(remote_failures), rows=len(rows),
+                                            failures=len(failures))}  # fmt: skip
         path = Path(self.output_path) if self.output_path else self._default_output(context)
         path.parent.mkdir(parents=True, exist_ok=True)
         failures_path = path.with_name(path.stem + ".failures.jsonl")
@@ -402,7 +347,10 @@ class LLMBatchOperator(BaseOperator):
         self.log.info(
             "Wrote %d results to %s and %d failures to %s", len(rows), path, len(failures), failures_path
         )
-        return {**base, "results_path": str(path), "failures_path": str(failures_path)}
+        return {
+            **base,
+            **rows_manifest(str(path), str(failures_path), rows=len(rows), failures=len(failures)),
+        }
 
     def _default_output(self, context: Context) -> Path:
         ti = context["ti"]
@@ -424,10 +372,17 @@ class LLMBatchOperator(BaseOperator):
             f"{self.task_id}: {bad} of {total} items failed or were not run ({bad / total:.1%} > "
             f"max_failure_rate {self.max_failure_rate:.1%}). Examples: {examples}"
         )
-        if run.stopped_by_budget:
-            raise AirflowFailException(f"{message}. Stopped by budget: {run.stopped_by_budget}")
+        if run.stopped:
+            raise AirflowFailException(f"{message}. The batch was stopped: {run.stopped}")
         # Retryable: a retry replays the completed items from the journal and tries only the rest.
         raise AirflowException(message)
+
+
+def _model_used(run: BatchRun) -> str | None:
+    for outcome in run.outcomes:
+        if outcome.result is not None and outcome.result.get("model"):
+            return str(outcome.result["model"])
+    return None
 
 
 @contextmanager

@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowFailException
 
-from governed_ai.core.governor import GovernanceDenied
-from governed_ai.core.retrieval.chroma_store import (
-    ChromaStore,
-    CollectionNotFound,
-    EmbeddingModelMismatch,
-)
+from governed_ai.core.errors import InvalidInput
+from governed_ai.core.retrieval.chroma_store import ChromaStore
 from governed_ai.core.retrieval.chunking import ChunkingSettings
 from governed_ai.core.retrieval.documents import SourceDocument
+from governed_ai.core.retrieval.embeddings import Embedder, GovernedEmbedder
 from governed_ai.core.retrieval.governed import GovernedRetrieval, IngestProgress, PurgeRequest
 from governed_ai.hooks.chroma import ChromaHook
 from governed_ai.hooks.governance import GovernanceHook
+from governed_ai.operators.errors import airflow_errors
 from governed_ai.operators.lineage import operator_lineage
 from governed_ai.operators.storage import storage_path
 from governed_ai.plugins.links import AuditRecordsLink
@@ -30,9 +28,6 @@ if TYPE_CHECKING:
 
 # Files read as plain text; anything else in a directory is skipped (and named in the log).
 TEXT_SUFFIXES = frozenset({".txt", ".md", ".markdown", ".rst", ".text"})
-
-# Failures that retrying cannot fix: the task fails at once instead of burning its retries.
-_PERMANENT = (GovernanceDenied, EmbeddingModelMismatch, CollectionNotFound)
 
 
 class _GovernedChromaOperator(BaseOperator):
@@ -63,9 +58,23 @@ class _GovernedChromaOperator(BaseOperator):
     def governance(self) -> GovernanceHook:
         return GovernanceHook(governance_conn_id=self.governance_conn_id)
 
-    @cached_property
-    def retrieval(self) -> GovernedRetrieval:
-        return GovernedRetrieval(self.governance.governor, self.chroma.store)
+    @contextmanager
+    def retrieval(self, context: Context, *, embed: bool = True) -> Iterator[GovernedRetrieval]:
+        """The governed store for this task; with ``embed`` it computes vectors through the connection's
+        embedder (the offline model, or an endpoint through the task's governed client)."""
+        with ExitStack() as stack:
+            embedder: Embedder | None = None
+            if embed:
+                settings = self.chroma.settings
+                if settings.embedding == "offline":
+                    embedder = self.chroma.offline_embedder()
+                else:
+                    client = stack.enter_context(
+                        self.governance.governed_client(context, llm_conn_id=settings.embedding_conn_id)
+                    )
+                    embedder = GovernedEmbedder(client, str(settings.embedding_model))
+                self._embedding_model = embedder.model_id
+            yield GovernedRetrieval(self.governance.governor, self.chroma.store(embedder))
 
     def _namespace(self, ol: Any) -> str:
         s = self.chroma.settings
@@ -75,15 +84,11 @@ class _GovernedChromaOperator(BaseOperator):
         retrieved = details.pop("retrieved_ids", [])
         return ol.GovernedAIRunFacet(
             operation=operation,
-            model=self.chroma.embedding_function.model_id,
+            model=getattr(self, "_embedding_model", None),
             retrievedIds=retrieved,
             policyDecision="allow",
             details=details,
         )
-
-    def _fail_permanently(self, error: Exception) -> AirflowFailException:
-        what = "denied by governance" if isinstance(error, GovernanceDenied) else "cannot run"
-        return AirflowFailException(f"{self.task_id}: {what}: {error}")
 
 
 def check_collection_name(task_id: str, collection: str) -> None:
@@ -120,7 +125,6 @@ class ChromaIngestOperator(_GovernedChromaOperator):
     :param chunk_size: Maximum characters per chunk (default 800, about 200 tokens).
     :param chunk_overlap: Characters repeated between neighbouring chunks (default 100).
     :param batch_size: Chunks embedded and written per batch; progress is logged after each.
-    :param redact: Redact secrets and PII (the governance redactor) before storing. Default True.
     :param chroma_conn_id: Connection of type ``governed_ai_chroma``; absent means embedded Chroma
         under ``$AIRFLOW_HOME/governed_ai/chroma`` with offline embeddings.
     :param governance_conn_id: Connection of type ``governed_ai_governance`` (optional).
@@ -140,7 +144,6 @@ class ChromaIngestOperator(_GovernedChromaOperator):
         chunk_size: int = 800,
         chunk_overlap: int = 100,
         batch_size: int = 256,
-        redact: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(collection=collection, **kwargs)
@@ -156,7 +159,6 @@ class ChromaIngestOperator(_GovernedChromaOperator):
         self.paths = paths
         self.metadata = metadata
         self.batch_size = batch_size
-        self.redact = redact
 
     def source_documents(self) -> list[SourceDocument]:
         """The rendered ``documents`` and the files under ``paths``, checked."""
@@ -217,19 +219,16 @@ class ChromaIngestOperator(_GovernedChromaOperator):
             raise ValueError(f"{self.task_id}: nothing to ingest ('documents' rendered to an empty list).")
         subject = self.governance.subject_from_context(context)
         self.log.info("Ingesting %d document(s) into Chroma collection %s", len(documents), self.collection)
-        try:
-            report = self.retrieval.ingest(
+        with airflow_errors(self.task_id), self.retrieval(context) as retrieval:
+            report = retrieval.ingest(
                 subject,
                 self.collection,
                 documents,
                 chunking=self.chunking,
                 metadata=dict(self.metadata or {}),
                 batch_size=self.batch_size,
-                redact=self.redact,
                 on_batch=self._log_progress,
             )
-        except _PERMANENT as error:
-            raise self._fail_permanently(error) from error
         self.log.info(
             "Ingested %d chunks (%d new) from %d document(s) in %.2f s; collection holds %d; redactions=%d",
             report.chunks,
@@ -308,29 +307,30 @@ class ChromaQueryOperator(_GovernedChromaOperator):
         elif isinstance(self.query, list | tuple) and all(isinstance(q, str) for q in self.query):
             queries, single = list(self.query), False
         else:
-            raise TypeError(f"{self.task_id}: 'query' must be a string or a list of strings.")
+            raise InvalidInput(f"{self.task_id}: 'query' must be a string or a list of strings.")
         if not queries or any(not q.strip() for q in queries):
-            raise ValueError(f"{self.task_id}: 'query' rendered to an empty text; nothing to search for.")
+            raise InvalidInput(f"{self.task_id}: 'query' rendered to an empty text; nothing to search for.")
         return queries, single
 
     def execute(self, context: Context) -> dict[str, Any] | list[dict[str, Any]]:
-        queries, single = self.rendered_queries()
-        try:
-            results = self.retrieval.query(
-                self.governance.subject_from_context(context),
-                self.collection,
-                queries,
-                n_results=self.n_results,
-                where=self.where or None,
-                where_document=self.where_document or None,
-                min_similarity=self.min_similarity,
-            )
-        except _PERMANENT as error:
-            raise self._fail_permanently(error) from error
-        for result in results:
+        with airflow_errors(self.task_id):
+            queries, single = self.rendered_queries()
+            with self.retrieval(context) as retrieval:
+                results = retrieval.query(
+                    self.governance.subject_from_context(context),
+                    self.collection,
+                    queries,
+                    n_results=self.n_results,
+                    where=self.where or None,
+                    where_document=self.where_document or None,
+                    min_similarity=self.min_similarity,
+                )
+        for number, result in enumerate(results, start=1):
+            # The query text itself stays out of the log: it is data, and it may hold what was redacted.
             self.log.info(
-                "Query %r: %d context(s) %s",
-                result.query[:80],
+                "Query %d (%d chars): %d context(s) %s",
+                number,
+                len(result.query),
                 len(result.contexts),
                 [(c.id[:12], c.score) for c in result.contexts],
             )
@@ -404,14 +404,10 @@ class ChromaPurgeOperator(_GovernedChromaOperator):
         )
 
     def execute(self, context: Context) -> dict[str, Any]:
-        request = self.purge_request()
-        try:
-            deleted = self.retrieval.purge(
-                self.governance.subject_from_context(context), self.collection, request
-            )
-        except _PERMANENT as error:
-            raise self._fail_permanently(error) from error
-        remaining = self.chroma.store.count(self.collection)
+        with airflow_errors(self.task_id), self.retrieval(context, embed=False) as retrieval:
+            request = self.purge_request()
+            deleted = retrieval.purge(self.governance.subject_from_context(context), self.collection, request)
+            remaining = retrieval.store.count(self.collection)
         self.log.info(
             "Purged %d chunk(s) from %s (%s); %d remain",
             deleted,

@@ -7,15 +7,15 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowFailException
 from pydantic import BaseModel
 
-from governed_ai.core.chat import ChatRequest, ChatResult, Message, build_messages
-from governed_ai.core.governor import GovernanceDenied, ModelUnavailable
+from governed_ai.core.chat import ChatRequest, Message, build_messages
+from governed_ai.core.errors import InvalidInput
 from governed_ai.core.prompt_version import prompt_version
 from governed_ai.core.structured_output import ensure_schema_model
 from governed_ai.hooks.governance import GovernanceHook
-from governed_ai.hooks.llm import LLMCallError, LLMHook, ModelNotServed
+from governed_ai.hooks.llm import LLMHook
+from governed_ai.operators.errors import airflow_errors
 from governed_ai.operators.lineage import operator_lineage
 from governed_ai.plugins.links import AuditRecordsLink
 
@@ -32,16 +32,24 @@ class LLMOperator(BaseOperator):
     outputs are redacted as the policy says, and every decision and call is written to the audit trail.
     A denial fails the task without retries (``AirflowFailException``) and names the rule to change.
 
-    The XCom value is a JSON-safe dict: ``content`` (the reply text), ``output`` (the reply parsed into
-    ``output_schema``, as a dict, or None), ``model``, ``usage`` (prompt/completion/total tokens),
-    ``cost_usd``, ``latency_ms``, ``attempts``, ``finish_reason`` and ``governance`` (granting rule,
-    prompt version, number of redactions, fallback models tried).
+    **Nothing paid twice.** Every request (the first one and each repair) is journaled before the task
+    goes on. When Airflow retries the task, whatever failed (validation, a later step, a crash), requests
+    an earlier try completed are replayed from the journal, not paid for again; a reply that never fit
+    the schema is not replayed as a success, the retry continues repairing from it.
+
+    The XCom value is a JSON-safe dict (the contract every AI operator shares, see
+    :mod:`governed_ai.core.xcom`): ``content`` (the reply text), ``output`` (the reply parsed into
+    ``output_schema``, as a dict, or None), ``model``, ``usage`` (``prompt_tokens``,
+    ``completion_tokens``, ``total_tokens``), ``cost_usd``, ``latency_ms``, ``attempts``,
+    ``replayed_attempts``, ``finish_reason`` and ``governance`` (``rule``, ``prompt_version``,
+    ``redactions``, ``fallbacks_tried``).
 
     :param prompt: The user message. Templated. Either ``prompt`` or ``messages`` is required.
     :param system_prompt: Instructions sent first, as the system message. Templated.
     :param messages: A list of ``{"role": ..., "content": ...}`` dicts placed between the system prompt
         and ``prompt``; for few-shot examples or a prior conversation. Templated.
-    :param model: Model name on the endpoint; defaults to the connection's ``default_model``. Templated.
+    :param model: Model name on the endpoint, or a policy route alias such as ``default``; defaults to the
+        connection's ``default_model``. Templated.
     :param temperature: Sampling temperature; None keeps the endpoint's default.
     :param max_tokens: Upper bound on tokens in the reply; None keeps the endpoint's default.
     :param output_schema: A pydantic model class. The endpoint is asked for JSON matching its schema, the
@@ -51,6 +59,9 @@ class LLMOperator(BaseOperator):
     :param prompt_name: Optional declared name of the prompt; with ``prompt_version_label`` it forms the
         recorded prompt version ``name@label#hash`` (the hash always covers the prompt's content).
     :param prompt_version_label: Optional declared version of the prompt (requires ``prompt_name``).
+    :param max_retries: Retries of one request on transient errors (429 honouring Retry-After, 5xx,
+        timeouts, malformed bodies); default: the connection's ``max_retries``.
+    :param deadline_seconds: One request's time limit over all its retries; default: the connection's.
     :param llm_conn_id: Connection of type ``governed_ai_llm``.
     :param governance_conn_id: Connection of type ``governed_ai_governance``; optional when the
         ``[governed_ai]`` config section names the policy.
@@ -75,6 +86,8 @@ class LLMOperator(BaseOperator):
         max_repair_attempts: int = 2,
         prompt_name: str | None = None,
         prompt_version_label: str | None = None,
+        max_retries: int | None = None,
+        deadline_seconds: float | None = None,
         llm_conn_id: str = LLMHook.default_conn_name,
         governance_conn_id: str = GovernanceHook.default_conn_name,
         **kwargs: Any,
@@ -97,6 +110,8 @@ class LLMOperator(BaseOperator):
         self.max_tokens = max_tokens
         self.output_schema = ensure_schema_model(output_schema, "output_schema")
         self.max_repair_attempts = max_repair_attempts
+        self.max_retries = max_retries
+        self.deadline_seconds = deadline_seconds
         self.llm_conn_id = llm_conn_id
         self.governance_conn_id = governance_conn_id
         # The version is computed from the templates as written, before Jinja renders them in place.
@@ -118,43 +133,38 @@ class LLMOperator(BaseOperator):
     def rendered_messages(self) -> list[Message]:
         """The conversation after templating, checked for the mistakes templating can introduce."""
         if self.prompt is not None and not str(self.prompt).strip() and not self.messages:
-            raise ValueError(f"{self.task_id}: 'prompt' rendered to an empty string; nothing to send.")
+            raise InvalidInput(f"{self.task_id}: 'prompt' rendered to an empty string; nothing to send.")
         if self.messages is not None and not isinstance(self.messages, list):
-            raise TypeError(
+            raise InvalidInput(
                 f"{self.task_id}: 'messages' must be a list of {{'role', 'content'}} dicts, "
                 f"got {type(self.messages).__name__}."
             )
         for i, message in enumerate(self.messages or ()):
             if not isinstance(message, dict) or "role" not in message or "content" not in message:
-                raise ValueError(
-                    f"{self.task_id}: messages[{i}] needs 'role' and 'content' keys: {message!r}"
-                )
+                raise InvalidInput(f"{self.task_id}: messages[{i}] needs 'role' and 'content' keys.")
         return build_messages(self.prompt, self.system_prompt, self.messages)
 
     def execute(self, context: Context) -> dict[str, Any]:
-        request = self.hook.build_request(
-            self.rendered_messages(),
-            model=self.model,
-            temperature=self.temperature,
-            max_tokens=self.max_tokens,
-            output_schema=self.output_schema,
-            max_repair_attempts=self.max_repair_attempts,
-        )
-        try:
-            governed = self.governance.governor.chat(
-                self.governance.subject_from_context(context),
-                connection_id=self.llm_conn_id,
-                requested_model=request.model,
-                request=request,
-                call=self._call_model,
-                prices=self.hook.settings.prices,
-                prompt_version=self.prompt_version_id,
+        with airflow_errors(self.task_id):
+            request = ChatRequest(
+                messages=self.rendered_messages(),
+                model=self.model or "",
+                temperature=self.temperature,
+                max_tokens=self.max_tokens,
+                output_schema=self.output_schema,
+                max_repair_attempts=self.max_repair_attempts,
             )
-        except GovernanceDenied as denied:
-            raise AirflowFailException(f"{self.task_id}: denied by governance: {denied}") from denied
+            with self.governance.governed_client(
+                context,
+                llm_conn_id=self.llm_conn_id,
+                max_retries=self.max_retries,
+                deadline_seconds=self.deadline_seconds,
+            ) as client:
+                governed = client.chat(request, prompt_version=self.prompt_version_id)
         result = governed.result
         self.log.info(
-            "model=%s tokens=%d (prompt %d, completion %d) cost=$%.6f latency=%.0f ms attempts=%d rule=%s",
+            "model=%s tokens=%d (prompt %d, completion %d) cost=$%.6f latency=%.0f ms attempts=%d "
+            "(replayed %d) rule=%s",
             result.model,
             result.usage.total_tokens,
             result.usage.prompt_tokens,
@@ -162,6 +172,7 @@ class LLMOperator(BaseOperator):
             result.cost_usd,
             result.latency_ms,
             result.attempts,
+            result.replayed_attempts,
             governed.rule,
         )
         self._lineage_facts = {
@@ -203,11 +214,3 @@ class LLMOperator(BaseOperator):
             return [ol.model_input(self.hook.settings.base_url, facts["model"])], [], facet
 
         return operator_lineage(build)
-
-    def _call_model(self, request: ChatRequest) -> ChatResult:
-        """The one place the endpoint is called; endpoint failures let governance try a fallback model."""
-        try:
-            self.hook.ensure_model_served(request.model)
-            return self.hook.chat(request)
-        except (LLMCallError, ModelNotServed) as err:
-            raise ModelUnavailable(str(err)) from err

@@ -28,6 +28,7 @@ from governed_ai.core.validation.rows import (
 from governed_ai.core.validation.runner import ValidationRunError, run_suite
 from governed_ai.core.validation.suite import SuiteSpecError, ValidationSuite
 from governed_ai.hooks.governance import GovernanceHook
+from governed_ai.operators.storage import read_text
 from governed_ai.plugins.links import AuditRecordsLink
 
 if TYPE_CHECKING:
@@ -196,14 +197,14 @@ class LLMOutputQualityOperator(BaseOperator):
         """The rows after templating, in the configured input format, with ``inputs`` merged in."""
         try:
             if self.rows_path is not None:
-                raw: Any = read_rows_file(str(self.rows_path))
+                raw: Any = read_rows_file(str(self.rows_path), read_text=read_text)
                 what = "rows_path"
             else:
                 raw, what = self.rows, "rows"
             if self.input_format == "llm_results":
-                rows = rows_from_llm_results(raw, what=what)
+                rows = rows_from_llm_results(raw, what=what, read_text=read_text)
             else:
-                rows = rows_from_value(raw, what=what)
+                rows = rows_from_value(raw, what=what, read_text=read_text)
             if self.inputs is not None:
                 rows = merge_inputs(rows, self.inputs)
         except RowsError as error:

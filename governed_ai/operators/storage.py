@@ -18,3 +18,8 @@ def storage_path(location: str) -> ObjectStoragePath:
     from airflow.sdk import ObjectStoragePath
 
     return ObjectStoragePath(location if is_uri(location) else Path(location).resolve().as_uri())
+
+
+def read_text(location: str) -> str:
+    """The UTF-8 text of a local file or an object-storage URI (``s3://...``)."""
+    return storage_path(location).read_text(encoding="utf-8")

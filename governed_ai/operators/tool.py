@@ -14,13 +14,11 @@ from governed_ai.core.tools import (
     TOOL_JOURNAL_SCOPE,
     GovernedToolRunner,
     Tool,
-    ToolArgumentsError,
-    ToolCallInDoubt,
-    ToolDenied,
     ToolRegistry,
     default_registry,
 )
 from governed_ai.hooks.governance import GovernanceHook
+from governed_ai.operators.errors import airflow_errors
 from governed_ai.operators.lineage import operator_lineage
 from governed_ai.plugins.links import AuditRecordsLink
 
@@ -33,7 +31,8 @@ TOOL_OPERATOR_STEP = "tool-operator"
 
 def replay_journal(governance: GovernanceHook, scope: str = TOOL_JOURNAL_SCOPE) -> ReplayJournal:
     """The replay journal in the governance store the hook's governor writes its audit trail to."""
-    return ReplayJournal(governance.governor.audit.engine, scope)
+    governor = governance.governor
+    return ReplayJournal(governor.audit.engine, scope, digest=governor.digest)
 
 
 def resolve_tools(
@@ -128,14 +127,8 @@ class ToolOperator(BaseOperator):
             [self.tool],
             replay_journal(self.governance) if self.tool.side_effects else None,
         )
-        try:
+        with airflow_errors(self.task_id):
             done = runner.call(self.tool.name, self.arguments, step=TOOL_OPERATOR_STEP)
-        except ToolDenied as denied:
-            raise AirflowFailException(f"{self.task_id}: denied by governance: {denied}") from denied
-        except ToolArgumentsError as invalid:
-            raise AirflowFailException(f"{self.task_id}: {invalid}") from invalid
-        except ToolCallInDoubt as doubt:
-            raise AirflowFailException(f"{self.task_id}: {doubt}") from doubt
         self.log.info(
             "tool=%s %s in %.1f ms rule=%s key_sha256=%s",
             done.tool,

@@ -72,7 +72,7 @@ class ChromaCollectionSensor(BaseSensorOperator):
     def retrieval(self) -> GovernedRetrieval:
         return GovernedRetrieval(
             GovernanceHook(governance_conn_id=self.governance_conn_id).governor,
-            ChromaHook(chroma_conn_id=self.chroma_conn_id).store,
+            ChromaHook(chroma_conn_id=self.chroma_conn_id).store(None),
         )
 
     def _newer_than(self) -> datetime | None:

@@ -55,7 +55,7 @@ class ChromaCollectionTrigger(BaseTrigger):
         from governed_ai.core.retrieval.readiness import collection_readiness
         from governed_ai.hooks.chroma import ChromaHook
 
-        store = ChromaHook(chroma_conn_id=self.chroma_conn_id).store
+        store = ChromaHook(chroma_conn_id=self.chroma_conn_id).store(None)
         newer = datetime.fromisoformat(self.newer_than) if self.newer_than else None
         return collection_readiness(store, self.collection, min_count=self.min_count, newer_than=newer)
 

@@ -15,7 +15,6 @@ from sqlalchemy import Engine, text
 
 from governed_ai.core.audit import (
     GENESIS_HASH,
-    AuditBuffer,
     AuditRecord,
     AuditStore,
     StoredAuditRecord,
@@ -299,54 +298,6 @@ def test_for_subject_carries_the_task_identity() -> None:
     assert (record.action, record.resource, record.decision) == ("budget.deny", "support-daily", "deny")
     # A mapped task instance's own index wins over the subject's default.
     assert AuditRecord.for_subject(SUBJECT, action="tool.call", map_index=3).map_index == 3
-
-
-# -- buffered writing -------------------------------------------------------------------------------------
-
-
-class TickingClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_buffer_flushes_full_batches(store: AuditStore) -> None:
-    buffer = AuditBuffer(store, max_records=50, max_seconds=3600)
-    for i in range(120):
-        buffer.add(model_call(i))
-
-    assert (buffer.appended, buffer.pending) == (100, 20)
-    assert len(store.query(limit=None)) == 100
-    assert buffer.flush() == 20
-    assert len(store.query(limit=None)) == 120
-    assert store.verify().ok
-
-
-def test_buffer_flushes_when_its_oldest_record_is_too_old(store: AuditStore) -> None:
-    clock = TickingClock()
-    buffer = AuditBuffer(store, max_records=500, max_seconds=1.0, clock=clock)
-    buffer.add(model_call(0))
-    clock.now = 0.5
-    buffer.add(model_call(1))
-    assert store.query() == []
-
-    clock.now = 1.0
-    buffer.add(model_call(2))
-    assert [r.seq for r in store.query(order="asc")] == [1, 2, 3]
-    assert buffer.pending == 0
-
-
-def test_buffer_as_context_manager_flushes_even_when_the_block_fails(store: AuditStore) -> None:
-    with pytest.raises(RuntimeError), AuditBuffer(store, max_records=500) as buffer:
-        buffer.add(model_call(0))
-        buffer.add(model_call(1, outcome="error", error="boom"))
-        raise RuntimeError("task failed")
-
-    assert [r.outcome for r in store.query(order="asc")] == ["ok", "error"]
 
 
 # -- concurrent writers -----------------------------------------------------------------------------------

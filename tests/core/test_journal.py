@@ -13,7 +13,7 @@ from governed_ai.core.journal import (
     JournalState,
     ReplayJournal,
     journal_table,
-    key_digest,
+    sha256_digest,
 )
 from governed_ai.core.sqlstore import create_store_engine
 
@@ -95,15 +95,24 @@ def test_scopes_are_separate_and_lookup_of_unknown_keys_is_none(store_engine):
     assert tools.lookup("never seen") is None
 
 
-def test_rows_hold_the_key_and_its_digest(journal, store_engine):
+def test_rows_hold_the_digest_of_the_key_never_the_key(journal, store_engine):
     long_key = KEY + "x" * 5_000  # longer than a PostgreSQL btree entry may be: the digest is the key
-    journal.begin(long_key)
+    journal.begin(long_key, label="tool issue_refund")
     journal.complete(long_key, None)
     with store_engine.connect() as connection:
         row = connection.execute(select(journal_table)).mappings().one()
-    assert row["key_sha256"] == key_digest(long_key)
-    assert row["key"] == long_key
+    assert row["key_sha256"] == sha256_digest(long_key)
+    assert row["label"] == "tool issue_refund"
+    assert long_key not in str(dict(row))
     assert journal.begin(long_key).status == "completed"
+
+
+def test_a_keyed_digest_makes_other_keys(store_engine):
+    keyed = ReplayJournal(store_engine, "tool", digest=lambda text: sha256_digest("secret|" + text))
+    keyed.begin(KEY)
+    keyed.complete(KEY, 1)
+    assert ReplayJournal(store_engine, "tool").lookup(KEY) is None  # the unkeyed digest finds nothing
+    assert keyed.lookup(KEY).result == 1
 
 
 def test_concurrent_claims_of_one_key_have_exactly_one_winner(store_url):

@@ -1,7 +1,6 @@
-"""Batch LLM work (Airflow-free): items, the prompt template, retries, budget blocks, journal, runner."""
+"""Batch LLM work (Airflow-free): items, the prompt template and the runner that schedules them."""
 
 from governed_ai.core.batch.inputs import BatchInputError, BatchItem, make_items, parse_rows
-from governed_ai.core.batch.item_journal import BatchJournal, JournalWriter, journal_prefix
 from governed_ai.core.batch.prompt import BatchPrompt, PromptRenderError
 from governed_ai.core.batch.runner import (
     BatchProgress,
@@ -10,13 +9,11 @@ from governed_ai.core.batch.runner import (
     BatchSettings,
     CallSettings,
     ItemOutcome,
-    per_minute_limiter,
 )
 
 __all__ = [
     "BatchInputError",
     "BatchItem",
-    "BatchJournal",
     "BatchProgress",
     "BatchPrompt",
     "BatchRun",
@@ -24,10 +21,7 @@ __all__ = [
     "BatchSettings",
     "CallSettings",
     "ItemOutcome",
-    "JournalWriter",
     "PromptRenderError",
-    "journal_prefix",
     "make_items",
     "parse_rows",
-    "per_minute_limiter",
 ]

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from governed_ai.core.audit import canonical_json
+from governed_ai.core.errors import InvalidInput
 
 
-class BatchInputError(ValueError):
+class BatchInputError(InvalidInput):
     """The batch input is malformed; the message names the item (line/position) and the problem."""
 
 

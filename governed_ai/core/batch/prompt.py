@@ -13,10 +13,11 @@ from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from governed_ai.core.chat import Message, build_messages
+from governed_ai.core.errors import InvalidInput
 from governed_ai.core.prompt_version import prompt_version
 
 
-class PromptRenderError(ValueError):
+class PromptRenderError(InvalidInput):
     """The template failed for an item (e.g. a missing field); the item fails, the batch goes on."""
 
 

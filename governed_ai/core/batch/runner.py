@@ -1,40 +1,28 @@
 """The batch engine: many governed model calls from one task, on one event loop.
 
-Per item: replay from the journal if a previous try completed it; otherwise take a concurrency slot,
-a budget slot (reserved in blocks) and rate-limit tokens, redact the prompt, call the model with
-per-item retries on transient errors, redact the reply, audit it (buffered), and journal it before the
-slot is freed. Failures are per item and carry a reason; the batch goes on. Airflow-free: the operator
-hands in an ``AsyncOpenAI`` client, the governor and the subject.
+Each item is rendered into the prompt and sent through the task's :class:`GovernedClient`, with at most
+``concurrency`` items in flight. Everything that governs a call (authorization against the current
+policy, routing with fallbacks, redaction, budget blocks, the replay journal, the audit trail, retries) is
+the client's, exactly as for a single call; this module only schedules items and keeps score. Failures are
+per item and carry a reason; the batch goes on. A denial (a revoked grant, a policy that no longer loads,
+an exhausted budget) stops the batch: items not yet started end ``not_run`` with the denial as reason.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-from aiolimiter import AsyncLimiter
 from pydantic import BaseModel, ConfigDict, Field
 
-from governed_ai.core.audit import AuditBuffer, AuditRecord
-from governed_ai.core.batch.budget_blocks import BlockTicket, BudgetBlocks, BudgetStop
 from governed_ai.core.batch.inputs import BatchItem
-from governed_ai.core.batch.item_journal import JournalWriter
 from governed_ai.core.batch.prompt import BatchPrompt, PromptRenderError
-from governed_ai.core.batch.retry import MalformedResponse, item_retrying
-from governed_ai.core.chat import ChatRequest, ChatResult, Message, StructuredChat
-from governed_ai.core.governor import DEFAULT_COMPLETION_RESERVE, Governor
-from governed_ai.core.llm_settings import StructuredOutputMode
-from governed_ai.core.policy import Decision, RedactionSettings
-from governed_ai.core.pricing import PriceTable, estimate_prompt_tokens
-from governed_ai.core.structured_output import StructuredOutputError
-from governed_ai.core.subject import Subject
-
-if TYPE_CHECKING:
-    from openai import AsyncOpenAI
+from governed_ai.core.chat import ChatRequest
+from governed_ai.core.client import GovernedClient
+from governed_ai.core.errors import GovernanceDenied
 
 ItemStatus = Literal["ok", "replayed", "failed", "not_run"]
 
@@ -45,10 +33,6 @@ class BatchSettings(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     concurrency: int = Field(default=8, ge=1, le=256, description="calls in flight at once")
-    max_attempts: int = Field(default=4, ge=1, le=20, description="tries per HTTP exchange of an item")
-    requests_per_minute: float | None = Field(default=None, gt=0)
-    tokens_per_minute: float | None = Field(default=None, gt=0)
-    budget_block_size: int = Field(default=16, ge=1, le=1000)
     progress_interval_seconds: float = Field(default=10.0, gt=0)
 
 
@@ -62,7 +46,6 @@ class CallSettings(BaseModel):
     max_tokens: int | None = None
     output_schema: type[BaseModel] | None = None
     max_repair_attempts: int = 2
-    structured_output: StructuredOutputMode = "json_schema"
 
 
 @dataclass
@@ -72,7 +55,6 @@ class ItemOutcome:
     status: ItemStatus
     result: dict[str, Any] | None = None
     error: str | None = None
-    http_attempts: int = 0
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"key": self.key, "position": self.position, "status": self.status}
@@ -97,7 +79,7 @@ class BatchProgress:
 
     @property
     def rate(self) -> float:
-        """Calls per second (replays excluded)."""
+        """Items answered per second (replays excluded)."""
         return (self.ok + self.failed) / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
     def line(self) -> str:
@@ -114,7 +96,10 @@ class BatchRun:
     progress: BatchProgress
     http_retries: int
     budget_reservations: int
-    stopped_by_budget: str | None = None
+    stopped: str | None = None
+    stopped_by_budget: bool = False
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
     @property
     def failures(self) -> list[ItemOutcome]:
@@ -129,11 +114,14 @@ class BatchRun:
             "failed": p.failed,
             "not_run": p.not_run,
             "tokens": p.tokens,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
             "cost_usd": round(p.cost_usd, 8),
             "seconds": round(p.elapsed_s, 3),
             "calls_per_second": round(p.rate, 2),
             "http_retries": self.http_retries,
             "budget_reservations": self.budget_reservations,
+            "stopped": self.stopped,
             "stopped_by_budget": self.stopped_by_budget,
         }
 
@@ -144,124 +132,30 @@ class _Counters:
     replayed: int = 0
     failed: int = 0
     not_run: int = 0
-    tokens: int = 0
-    cost_usd: float = 0.0
-    http_retries: int = 0
-
-
-def per_minute_limiter(per_minute: float, *, largest: float = 1.0) -> AsyncLimiter:
-    """A limiter for ``per_minute`` units (requests or tokens) that spreads them over the minute.
-
-    ``AsyncLimiter(per_minute, 60)`` would let a whole minute's quota go out in the first instant, and
-    providers enforce per-minute limits over shorter windows (OpenAI: 60,000/min may be enforced as
-    1,000/s). The bucket holds a second's share instead, or the ``largest`` single acquisition if that
-    is more (a bucket smaller than one acquisition would refuse it), refilled at ``per_minute / 60``.
-    """
-    burst = max(per_minute / 60, largest, 1.0)
-    return AsyncLimiter(burst, burst * 60 / per_minute)
-
-
-def _content_for_audit(messages: Sequence[Message], result: ChatResult) -> str:
-    """The exchange as the governor audits it when the policy sets ``store_content``."""
-    prompt = "\n".join(f"[{m.get('role')}] {m.get('content')}" for m in messages)
-    reply = result.content if result.output is None else str(result.output)
-    return f"{prompt}\n[assistant] {reply}"[:20_000]
-
-
-def _check_completion(completion: Any) -> None:
-    choices = getattr(completion, "choices", None)
-    if not isinstance(choices, list) or not choices or getattr(choices[0], "message", None) is None:
-        raise MalformedResponse(f"response has no usable choices: {str(completion)[:200]}")
 
 
 @dataclass
 class BatchRunner:
-    """Runs one batch. Build it per task execution; :meth:`run` is a coroutine."""
+    """Runs one batch through ``client``. Build it per task execution; :meth:`run` is a coroutine to run
+    on the client's loop (``client.run(runner.run(items))``)."""
 
-    governor: Governor
-    subject: Subject
-    client: AsyncOpenAI
-    connection_id: str
-    decision: Decision
+    client: GovernedClient
     call: CallSettings
     prompt: BatchPrompt
-    prices: PriceTable
-    audit: AuditBuffer
-    journal: JournalWriter | None = None
-    replayed: dict[str, Any] = field(default_factory=dict)
     settings: BatchSettings = field(default_factory=BatchSettings)
     on_progress: Callable[[BatchProgress], None] | None = None
     clock: Callable[[], float] = time.perf_counter
 
     def __post_init__(self) -> None:
-        cap = self.decision.max_tokens_per_call
-        max_tokens = self.call.max_tokens
-        if cap is not None:
-            max_tokens = min(max_tokens or cap, cap)
-        self._max_tokens = max_tokens
-        self._attempts_per_item = 1 + (self.call.max_repair_attempts if self.call.output_schema else 0)
         self._counters = _Counters()
-        rpm = self.settings.requests_per_minute
-        self._requests = per_minute_limiter(rpm) if rpm else None
-        self._tokens: AsyncLimiter | None = None  # sized in run(), once the largest item is known
-        self._resource = f"{self.connection_id}/{self.call.model}"
-
-    # -- estimates ----------------------------------------------------------------------------------
-
-    def _estimate(self, messages: Sequence[Message]) -> tuple[int, int]:
-        chars = sum(len(str(m.get("content") or "")) for m in messages)
-        prompt = estimate_prompt_tokens(chars) * self._attempts_per_item
-        completion = (self._max_tokens or DEFAULT_COMPLETION_RESERVE) * self._attempts_per_item
-        return prompt, completion
-
-    # -- the batch ------------------------------------------------------------------------------------
+        self._stopped: GovernanceDenied | None = None
 
     async def run(self, items: Sequence[BatchItem]) -> BatchRun:
         started = self.clock()
         outcomes: dict[int, ItemOutcome] = {}
-        pending: list[tuple[BatchItem, list[Message]]] = []
+        work: asyncio.Queue[BatchItem] = asyncio.Queue()
         for item in items:
-            if item.key in self.replayed:
-                outcomes[item.position] = ItemOutcome(
-                    item.key, item.position, "replayed", self.replayed[item.key]
-                )
-                self._counters.replayed += 1
-                continue
-            try:
-                messages = self.prompt.messages(item.data)
-            except PromptRenderError as error:
-                outcomes[item.position] = ItemOutcome(item.key, item.position, "failed", error=str(error))
-                self._counters.failed += 1
-                continue
-            pending.append((item, messages))
-        if self.replayed:
-            self.audit.add(
-                AuditRecord.for_subject(
-                    self.subject,
-                    action="batch.replay",
-                    resource=self._resource,
-                    decision="n/a",
-                    model=self.call.model,
-                    prompt_version=self.prompt.version_id,
-                    extra={"replayed": self._counters.replayed},
-                )
-            )
-        worst = max((sum(self._estimate(m)) for _, m in pending), default=0)
-        worst_prompt = max((self._estimate(m)[0] for _, m in pending), default=0)
-        budget = BudgetBlocks(
-            self.governor,
-            self.subject,
-            item_tokens=worst,
-            item_cost_usd=self.prices.cost(self.call.model, worst_prompt, worst - worst_prompt),
-            resource=self._resource,
-            model=self.call.model,
-            block_size=self.settings.budget_block_size,
-        )
-        if self.settings.tokens_per_minute:
-            self._tokens = per_minute_limiter(self.settings.tokens_per_minute, largest=worst)
-        work: asyncio.Queue[tuple[BatchItem, list[Message]]] = asyncio.Queue()
-        for entry in pending:
-            work.put_nowait(entry)
+            work.put_nowait(item)
         total = len(items)
 
         def progress() -> BatchProgress:
@@ -273,8 +167,8 @@ class BatchRunner:
                 replayed=c.replayed,
                 failed=c.failed,
                 not_run=c.not_run,
-                tokens=c.tokens,
-                cost_usd=c.cost_usd,
+                tokens=self.client.paid_prompt_tokens + self.client.paid_completion_tokens,
+                cost_usd=self.client.paid_cost,
                 elapsed_s=self.clock() - started,
             )
 
@@ -287,191 +181,68 @@ class BatchRunner:
         async def worker() -> None:
             while True:
                 try:
-                    item, messages = work.get_nowait()
+                    item = work.get_nowait()
                 except asyncio.QueueEmpty:
                     return
-                outcomes[item.position] = await self._one(item, messages, budget)
+                outcomes[item.position] = await self._one(item)
 
         reporter = asyncio.create_task(report_periodically())
         try:
-            await asyncio.gather(
-                *(worker() for _ in range(min(self.settings.concurrency, max(1, len(pending)))))
-            )
+            await asyncio.gather(*(worker() for _ in range(min(self.settings.concurrency, max(1, total)))))
         finally:
             reporter.cancel()
-            await budget.close()
-            await asyncio.to_thread(self.audit.flush)
+            await self.client.budget.close()
         final = progress()
         if self.on_progress is not None:
             self.on_progress(final)
+        stopped = self._stopped
         return BatchRun(
             outcomes=[outcomes[i.position] for i in items],
             progress=final,
-            http_retries=self._counters.http_retries,
-            budget_reservations=budget.reservations,
-            stopped_by_budget=budget.stopped,
+            http_retries=self.client.transport.http_retries,
+            budget_reservations=self.client.budget.reservations,
+            stopped=str(stopped) if stopped is not None else None,
+            stopped_by_budget=stopped is not None and stopped.action == "budget",
+            prompt_tokens=self.client.paid_prompt_tokens,
+            completion_tokens=self.client.paid_completion_tokens,
         )
 
-    async def _one(self, item: BatchItem, messages: list[Message], budget: BudgetBlocks) -> ItemOutcome:
-        redaction = self.decision.redaction
-        redactions = 0
-        if redaction.prompts:
-            messages, redactions = self._redact_messages(messages, redaction)
+    async def _one(self, item: BatchItem) -> ItemOutcome:
+        if self._stopped is not None:
+            return self._not_run(item, f"not run: the batch stopped: {self._stopped}")
         try:
-            ticket = await budget.take()
-        except BudgetStop as stop:
-            self._counters.not_run += 1
-            return ItemOutcome(item.key, item.position, "not_run", error=f"budget exhausted: {stop}")
-        prompt_tokens, completion_tokens = self._estimate(messages)
+            messages = self.prompt.messages(item.data)
+        except PromptRenderError as error:
+            return self._failed(item, str(error))
         request = ChatRequest(
             messages=messages,
             model=self.call.model,
             temperature=self.call.temperature,
-            max_tokens=self._max_tokens,
+            max_tokens=self.call.max_tokens,
             output_schema=self.call.output_schema,
             max_repair_attempts=self.call.max_repair_attempts,
-            structured_output=self.call.structured_output,
         )
-        started = self.clock()
-        http_attempts = 0
         try:
-            result, http_attempts = await self._chat(request, prompt_tokens + completion_tokens)
-        except StructuredOutputError as error:
-            spent = self.prices.cost(self.call.model, error.prompt_tokens, error.completion_tokens)
-            return await self._failed(
-                item, ticket, budget, error, started, http_attempts,
-                tokens=(error.prompt_tokens, error.completion_tokens), cost=spent,
-            )  # fmt: skip
-        except Exception as error:  # every failure becomes this item's reason, not the batch's
-            return await self._failed(item, ticket, budget, error, started, getattr(error, "_attempts", 0))
-        await budget.finish(ticket, result.usage.total_tokens, result.cost_usd)
-        if redaction.outputs:
-            content_text, output = result.content, result.output
-            if content_text:
-                content_text, found = self.governor.redact_text(content_text, redaction)
-                redactions += found
-            if output is not None:
-                output, found = self.governor.redact_obj(output, redaction)
-                redactions += found
-            result = result.model_copy(update={"content": content_text, "output": output})
-        content = None
-        if redaction.store_content:
-            content = _content_for_audit(messages, result)
-            if not (redaction.prompts and redaction.outputs):
-                # The audit trail keeps only redacted text, even of parts the model or XCom got raw.
-                content, _ = self.governor.redact_text(content, redaction)
-        payload = result.to_xcom()
-        record = AuditRecord.for_subject(
-            self.subject,
-            action="model.call",
-            resource=self._resource,
-            decision="allow",
-            rule=self.decision.rule,
-            model=self.call.model,
-            prompt_version=self.prompt.version_id,
-            prompt_tokens=result.usage.prompt_tokens,
-            completion_tokens=result.usage.completion_tokens,
-            cost_usd=result.cost_usd,
-            latency_ms=round((self.clock() - started) * 1000, 3),
-            content=content,
-            extra={
-                "item": item.key[:64],
-                "attempts": result.attempts,
-                "http_attempts": http_attempts,
-                "redactions": redactions,
-            },
-        )
-        if self.journal is not None:
-            # Audited and journaled, durably, before the slot is freed: a kill loses neither.
-            await self.journal.write(item.key, payload, record)
-        else:
-            self.audit.add(record)
+            governed = await self.client.achat(
+                request, prompt_version=self.prompt.version_id, item_key=item.key
+            )
+        except GovernanceDenied as denied:
+            # A denial is about the task, not the item: stop starting items (one in-flight window at most).
+            if self._stopped is None:
+                self._stopped = denied
+            return self._not_run(item, f"denied by governance: {denied}")
+        except Exception as error:  # every other failure is this item's, with its reason
+            return self._failed(item, self.client.describe_error(error))
+        if governed.replayed:
+            self._counters.replayed += 1
+            return ItemOutcome(item.key, item.position, "replayed", governed.to_xcom())
         self._counters.ok += 1
-        self._counters.tokens += result.usage.total_tokens
-        self._counters.cost_usd += result.cost_usd
-        return ItemOutcome(item.key, item.position, "ok", payload, http_attempts=http_attempts)
+        return ItemOutcome(item.key, item.position, "ok", governed.to_xcom())
 
-    def _redact_messages(
-        self, messages: list[Message], settings: RedactionSettings
-    ) -> tuple[list[Message], int]:
-        """Redact what the messages say; roles and keys are fixed strings, not worth a scan per item."""
-        redacted: list[Message] = []
-        found = 0
-        for message in messages:
-            content = message.get("content")
-            if isinstance(content, str):
-                content, count = self.governor.redact_text(content, settings)
-            else:  # structured content parts
-                content, count = self.governor.redact_obj(content, settings)
-            found += count
-            redacted.append({**message, "content": content})
-        return redacted, found
-
-    async def _failed(
-        self,
-        item: BatchItem,
-        ticket: BlockTicket,
-        budget: BudgetBlocks,
-        error: BaseException,
-        started: float,
-        http_attempts: int,
-        *,
-        tokens: tuple[int, int] = (0, 0),
-        cost: float = 0.0,
-    ) -> ItemOutcome:
-        await budget.finish(ticket, sum(tokens), cost)
-        reason, _ = self.governor.redact_text(
-            f"{type(error).__name__}: {error}"[:1000], self.decision.redaction
-        )
-        record = AuditRecord.for_subject(
-            self.subject,
-            action="model.call",
-            resource=self._resource,
-            decision="allow",
-            rule=self.decision.rule,
-            model=self.call.model,
-            prompt_version=self.prompt.version_id,
-            prompt_tokens=tokens[0],
-            completion_tokens=tokens[1],
-            cost_usd=cost,
-            latency_ms=round((self.clock() - started) * 1000, 3),
-            outcome="error",
-            error=reason,
-            extra={"item": item.key[:64], "http_attempts": http_attempts},
-        )
-        if self.journal is not None:
-            await self.journal.record_audit(record)
-        else:
-            self.audit.add(record)
+    def _failed(self, item: BatchItem, reason: str) -> ItemOutcome:
         self._counters.failed += 1
-        self._counters.tokens += sum(tokens)
-        self._counters.cost_usd += cost
-        return ItemOutcome(item.key, item.position, "failed", error=reason, http_attempts=http_attempts)
+        return ItemOutcome(item.key, item.position, "failed", error=reason)
 
-    async def _chat(self, request: ChatRequest, estimated_tokens: int) -> tuple[ChatResult, int]:
-        loop = StructuredChat(request, self.prices)
-        http_attempts = 0
-        while (kwargs := loop.next_request()) is not None:
-            try:
-                async for attempt in item_retrying(self.settings.max_attempts):
-                    with attempt:
-                        http_attempts += 1
-                        if http_attempts > 1:
-                            self._counters.http_retries += 1
-                        if self._requests is not None:
-                            await self._requests.acquire()
-                        if self._tokens is not None:
-                            await self._tokens.acquire(
-                                min(estimated_tokens, self._tokens.max_rate)
-                            )  # <= burst
-                        sent = self.clock()
-                        try:
-                            completion = await self.client.chat.completions.create(**kwargs)
-                        except json.JSONDecodeError as error:
-                            raise MalformedResponse(f"response body is not JSON: {error.msg}") from error
-                        _check_completion(completion)
-            except Exception as error:
-                error._attempts = http_attempts  # type: ignore[attr-defined]  # reported with the failure
-                raise
-            loop.feed(completion, self.clock() - sent)
-        return loop.result(), http_attempts
+    def _not_run(self, item: BatchItem, reason: str) -> ItemOutcome:
+        self._counters.not_run += 1
+        return ItemOutcome(item.key, item.position, "not_run", error=reason)

@@ -1,7 +1,10 @@
 """Chroma collections with the provider's conventions: cosine space, recorded embedding model, batching.
 
 Airflow-free: it takes any ``chromadb`` client (embedded ``PersistentClient`` or ``HttpClient``); the
-Chroma hook builds the client from an Airflow connection and hands it here.
+Chroma hook builds the client from an Airflow connection and hands it here. Vectors are computed by the
+store's :class:`~governed_ai.core.retrieval.embeddings.Embedder` and handed to Chroma explicitly: Chroma
+never calls an embedding function itself, so an embedding endpoint is only ever reached through the
+governed client.
 """
 
 from __future__ import annotations
@@ -13,23 +16,25 @@ from typing import TYPE_CHECKING, Any
 
 from chromadb.errors import NotFoundError
 
+from governed_ai.core.errors import ConfigurationError
 from governed_ai.core.retrieval.documents import INGESTED_AT_KEY, ChunkRecord, epoch_ms
 from governed_ai.core.retrieval.results import RetrievedContext, rank_contexts
 
 if TYPE_CHECKING:
     from chromadb.api import ClientAPI
     from chromadb.api.models.Collection import Collection
-    from chromadb.api.types import Documents, EmbeddingFunction
+
+    from governed_ai.core.retrieval.embeddings import Embedder
 
 EMBEDDING_MODEL_KEY = "governed_ai_embedding_model"
 MIN_NAME_LENGTH = 3  # Chroma refuses shorter collection names
 
 
-class CollectionNotFound(LookupError):
+class CollectionNotFound(ConfigurationError, LookupError):
     """The collection does not exist (queries never create collections)."""
 
 
-class EmbeddingModelMismatch(ValueError):
+class EmbeddingModelMismatch(ConfigurationError):
     """The collection's vectors come from a different embedding model than the one configured."""
 
 
@@ -44,14 +49,24 @@ class UpsertProgress:
 
 
 class ChromaStore:
-    """One Chroma client plus the embedding function every collection of this store must use."""
+    """One Chroma client plus the embedder every collection of this store must use.
 
-    def __init__(
-        self, client: ClientAPI, embedding_function: EmbeddingFunction[Documents], embedding_model: str
-    ) -> None:
+    ``embedder`` may be None for a store that only counts, checks and deletes (sensors, purges); such a
+    store checks no embedding model either.
+    """
+
+    def __init__(self, client: ClientAPI, embedder: Embedder | None) -> None:
         self.client = client
-        self.embedding_function = embedding_function
-        self.embedding_model = embedding_model
+        self.embedder = embedder
+
+    @property
+    def embedding_model(self) -> str:
+        return self._embedder().model_id
+
+    def _embedder(self) -> Embedder:
+        if self.embedder is None:
+            raise RuntimeError("this ChromaStore has no embedder; it can count, check and delete only")
+        return self.embedder
 
     # -- collections ---------------------------------------------------------------------------------
 
@@ -85,10 +100,11 @@ class ChromaStore:
                 name,
                 metadata={EMBEDDING_MODEL_KEY: self.embedding_model},
                 configuration={"hnsw": {"space": "cosine"}},
-                embedding_function=self.embedding_function,  # type: ignore[arg-type]
+                embedding_function=None,  # vectors always come from the store's embedder
             )
-        self._check_model(name, stored)
-        return self.client.get_collection(name, embedding_function=self.embedding_function)  # type: ignore[arg-type]
+        if self.embedder is not None:
+            self._check_model(name, stored)
+        return self.client.get_collection(name, embedding_function=None)
 
     def _check_model(self, name: str, metadata: Mapping[str, Any]) -> None:
         stored = metadata.get(EMBEDDING_MODEL_KEY)
@@ -133,21 +149,35 @@ class ChromaStore:
         batch_size: int = 256,
         on_batch: Callable[[UpsertProgress], None] | None = None,
     ) -> int:
-        """Write ``records`` in batches (upsert: the same id twice leaves one chunk); returns how many."""
+        """Write ``records`` in batches (upsert: the same id twice leaves one chunk); returns how many were
+        new (not stored before).
+
+        Chunks already stored (same id: same source and content) only get their metadata refreshed
+        (``ingested_at``, run ids): they are not embedded again.
+        """
         collection = self.collection(name, create=True)
         batches = max(1, -(-len(records) // batch_size))
         written = 0
+        created = 0
         for number, start in enumerate(range(0, len(records), batch_size), start=1):
             batch = records[start : start + batch_size]
-            collection.upsert(
-                ids=[r.id for r in batch],
-                documents=[r.text for r in batch],
-                metadatas=[r.metadata for r in batch],
-            )
+            known = set(collection.get(ids=[r.id for r in batch], include=[])["ids"])
+            stored = [r for r in batch if r.id in known]
+            new = [r for r in batch if r.id not in known]
+            if stored:
+                collection.update(ids=[r.id for r in stored], metadatas=[r.metadata for r in stored])
+            if new:
+                collection.upsert(
+                    ids=[r.id for r in new],
+                    documents=[r.text for r in new],
+                    metadatas=[r.metadata for r in new],
+                    embeddings=self._embedder().embed([r.text for r in new]),
+                )
+            created += len(new)
             written += len(batch)
             if on_batch is not None:
                 on_batch(UpsertProgress(written=written, total=len(records), batch=number, batches=batches))
-        return written
+        return created
 
     def delete(
         self, name: str, *, ids: Sequence[str] | None = None, where: dict[str, Any] | None = None
@@ -178,7 +208,7 @@ class ChromaStore:
         # One extra candidate per query lets a tie at the cut-off be broken by id instead of by Chroma's
         # internal order, which is not guaranteed to be stable.
         raw = collection.query(
-            query_texts=list(texts),
+            query_embeddings=self._embedder().embed(list(texts)),
             n_results=n_results + 1,
             where=where,
             where_document=where_document,  # type: ignore[arg-type]

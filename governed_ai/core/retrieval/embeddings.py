@@ -1,9 +1,9 @@
-"""Embedding functions for Chroma: an offline default and any OpenAI-compatible embeddings endpoint.
+"""Embedders for Chroma: an offline default, and any OpenAI-compatible endpoint through the governed client.
 
-Both implement Chroma's ``EmbeddingFunction`` protocol (``__call__``, ``name``, ``get_config``,
-``build_from_config``) and return L2-normalised vectors, so cosine similarity is a plain dot product and
-scores are comparable across models. ``model_id`` is what gets stored in a collection's metadata: a
-query with a different model is refused instead of returning silent garbage.
+Both return L2-normalised float32 vectors (``embed(texts)``), so cosine similarity is a plain dot product
+and scores are comparable across models. ``model_id`` is what gets stored in a collection's metadata: a
+query with a different model is refused instead of returning silent garbage. The offline model also
+implements Chroma's ``EmbeddingFunction`` protocol, for use outside the provider.
 """
 
 from __future__ import annotations
@@ -12,23 +12,35 @@ import importlib.util
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from chromadb.api.types import Documents, EmbeddingFunction, Embeddings
 from chromadb.utils.embedding_functions import register_embedding_function
 
+from governed_ai.core.errors import ConfigurationError
+
 if TYPE_CHECKING:
     import onnxruntime
-    from openai import OpenAI
     from tokenizers import Tokenizer
+
+    from governed_ai.core.client import GovernedClient
 
 # all-MiniLM-L6-v2 was trained with 256-token inputs (sentence-transformers' max_seq_length).
 _MINILM_MAX_TOKENS = 256
 _MINILM_BATCH = 64
 
 
-class EmbeddingModelUnavailable(RuntimeError):
+class Embedder(Protocol):
+    """Turns texts into L2-normalised vectors; ``model_id`` names the model in collection metadata."""
+
+    @property
+    def model_id(self) -> str: ...
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+class EmbeddingModelUnavailable(ConfigurationError):
     """The files of the offline embedding model are not installed."""
 
 
@@ -88,12 +100,16 @@ class OfflineMiniLMEmbedding(EmbeddingFunction[Documents]):
 
     def __call__(self, input: Documents) -> Embeddings:
         texts = [input] if isinstance(input, str) else list(input)
+        return list(self.embed(texts))
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """L2-normalised float32 vectors, one row per text."""
         if not texts:
-            return []
+            return np.zeros((0, 384), dtype=np.float32)
         session, tokenizer = self._load()
         out: list[np.ndarray] = []
         for start in range(0, len(texts), self.batch_size):
-            encodings = tokenizer.encode_batch(texts[start : start + self.batch_size])
+            encodings = tokenizer.encode_batch(list(texts[start : start + self.batch_size]))
             ids = np.array([e.ids for e in encodings], dtype=np.int64)
             mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
             hidden = session.run(
@@ -102,8 +118,8 @@ class OfflineMiniLMEmbedding(EmbeddingFunction[Documents]):
             )[0]
             weights = mask[:, :, None].astype(np.float32)
             pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
-            out.extend(_l2_normalise(pooled).astype(np.float32))
-        return out
+            out.append(_l2_normalise(pooled).astype(np.float32))
+        return np.concatenate(out)
 
     @staticmethod
     def name() -> str:
@@ -123,54 +139,27 @@ class OfflineMiniLMEmbedding(EmbeddingFunction[Documents]):
         return OfflineMiniLMEmbedding(batch_size=int(config.get("batch_size", _MINILM_BATCH)))
 
 
-@register_embedding_function
-class OpenAICompatibleEmbedding(EmbeddingFunction[Documents]):
-    """Embeddings from an OpenAI-compatible ``/v1/embeddings`` endpoint, through a client the caller owns.
+class GovernedEmbedder:
+    """Embeddings from an OpenAI-compatible ``/v1/embeddings`` endpoint, through the task's governed client:
+    the policy must grant the embedding model, budgets apply, inputs are redacted before they leave, and
+    every request is journaled and audited like a chat request."""
 
-    The client (with its key) is never part of the config Chroma persists: ``get_config`` holds only the
-    model name, and a collection reopened without a client must be given one again.
-    """
-
-    def __init__(self, model: str, client: OpenAI | None = None, batch_size: int = 256) -> None:
+    def __init__(self, client: GovernedClient, model: str, batch_size: int = 64) -> None:
         if not model:
-            raise ValueError("OpenAICompatibleEmbedding needs the embedding model's name")
-        self.model = model
+            raise ValueError("GovernedEmbedder needs the embedding model's name")
         self.client = client
+        self.model = model
         self.batch_size = batch_size
 
     @property
     def model_id(self) -> str:
         return f"openai:{self.model}"
 
-    def __call__(self, input: Documents) -> Embeddings:
-        if self.client is None:
-            raise EmbeddingModelUnavailable(
-                f"No OpenAI client for embedding model {self.model!r}; open the collection through "
-                "ChromaHook, which builds the client from the LLM connection."
-            )
-        texts = [input] if isinstance(input, str) else list(input)
-        vectors: list[Sequence[float]] = []
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        rows: list[np.ndarray] = []
         for start in range(0, len(texts), self.batch_size):
-            response = self.client.embeddings.create(
-                model=self.model, input=texts[start : start + self.batch_size]
-            )
-            vectors.extend(item.embedding for item in sorted(response.data, key=lambda item: item.index))
-        if not vectors:
-            return []
-        return list(_l2_normalise(np.asarray(vectors, dtype=np.float32)))
-
-    @staticmethod
-    def name() -> str:
-        return "governed_ai_openai_compatible"
-
-    def default_space(self) -> str:  # type: ignore[override]
-        return "cosine"
-
-    def get_config(self) -> dict[str, Any]:
-        return {"model": self.model, "batch_size": self.batch_size}
-
-    @staticmethod
-    def build_from_config(config: dict[str, Any]) -> OpenAICompatibleEmbedding:
-        return OpenAICompatibleEmbedding(
-            model=str(config["model"]), batch_size=int(config.get("batch_size", 256))
-        )
+            governed = self.client.embed(list(texts[start : start + self.batch_size]), model=self.model)
+            rows.append(governed.vectors)
+        if not rows:
+            return np.zeros((0, 0), dtype=np.float32)
+        return _l2_normalise(np.concatenate(rows).astype(np.float32))

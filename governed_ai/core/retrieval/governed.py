@@ -134,10 +134,10 @@ class GovernedRetrieval:
         chunking: ChunkingSettings | None = None,
         metadata: dict[str, MetadataValue] | None = None,
         batch_size: int = 256,
-        redact: bool = True,
         on_batch: Callable[[IngestProgress], None] | None = None,
     ) -> IngestReport:
-        """Redact (secrets and PII never reach the store), chunk, upsert in batches, and audit.
+        """Redact (secrets and PII never reach the store, nor its source names and metadata), chunk,
+        upsert in batches, and audit. What is redacted is the policy's decision, not the caller's.
 
         Pipelined: while one batch is embedded and written in a writer thread (onnxruntime and Chroma
         release the GIL), the next documents are redacted and chunked, so governance adds little time.
@@ -147,8 +147,10 @@ class GovernedRetrieval:
         started = time.perf_counter()
         ingested_at = int(self.clock() * 1000)
         provenance: dict[str, MetadataValue] = {"dag_id": subject.dag_id, "run_id": subject.run_id}
-        existed = self.store.exists(collection)
         redactions = 0
+        if metadata:
+            metadata, redactions = self.governor.redact_obj(dict(metadata), decision.redaction)
+        existed = self.store.exists(collection)
         seen: set[str] = set()
         pending: list[ChunkRecord] = []
         progress = IngestProgress(0, len(documents), 0, 0)
@@ -156,10 +158,8 @@ class GovernedRetrieval:
 
         def write(batch: list[ChunkRecord], documents_done: int) -> None:
             nonlocal progress, new_chunks
-            # A rerun must not look like fresh knowledge: count only chunks not stored before.
-            known = self.store.existing_ids(collection, [r.id for r in batch]) if existed else set()
-            self.store.upsert(collection, batch, batch_size=len(batch))
-            new_chunks += len(batch) - len(known)
+            # A rerun must not look like fresh knowledge (nor be embedded again): count only new chunks.
+            new_chunks += self.store.upsert(collection, batch, batch_size=len(batch))
             progress = IngestProgress(
                 documents_done, len(documents), progress.chunks_written + len(batch), progress.batches + 1
             )
@@ -169,10 +169,8 @@ class GovernedRetrieval:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="chroma-ingest") as writer:
             in_flight: Future[None] | None = None
             for done, document in enumerate(documents, start=1):
-                if redact:
-                    text, found = self.governor.redact_text(document.text, decision.redaction)
-                    redactions += found
-                    document = SourceDocument(text=text, source=document.source, metadata=document.metadata)
+                document, found = self._redacted(document, decision)
+                redactions += found
                 for record in chunk_records(
                     [document],
                     chunking,
@@ -224,6 +222,14 @@ class GovernedRetrieval:
         )
         return report
 
+    def _redacted(self, document: SourceDocument, decision: Decision) -> tuple[SourceDocument, int]:
+        """The document with its text, source name and metadata redacted (a file may be named after a
+        customer's e-mail address)."""
+        text, in_text = self.governor.redact_text(document.text, decision.redaction)
+        source, in_source = self.governor.redact_text(document.source, decision.redaction)
+        metadata, in_metadata = self.governor.redact_obj(dict(document.metadata), decision.redaction)
+        return SourceDocument(text=text, source=source, metadata=metadata), in_text + in_source + in_metadata
+
     def query(
         self,
         subject: Subject,
@@ -235,8 +241,19 @@ class GovernedRetrieval:
         where_document: dict[str, Any] | None = None,
         min_similarity: float | None = None,
     ) -> list[QueryResult]:
-        """Authorized, redacted retrieval; the audit trail records what each query returned."""
+        """Authorized, redacted retrieval; the audit trail records what each query returned.
+
+        The query texts are redacted before they are embedded (an embedding endpoint is an egress like any
+        other) and the results carry the redacted text.
+        """
         decision = self._authorize(subject, collection, "read")
+        redacted_queries: list[str] = []
+        query_redactions = 0
+        for text in queries:
+            clean, found = self.governor.redact_text(text, decision.redaction)
+            redacted_queries.append(clean)
+            query_redactions += found
+        queries = redacted_queries
         started = time.perf_counter()
         ranked = self.store.query(
             collection,
@@ -271,13 +288,13 @@ class GovernedRetrieval:
                 decision="allow",
                 rule=decision.rule,
                 latency_ms=latency_ms,
-                content=_audited_queries(queries, decision, self.governor),
+                content="\n".join(queries) if decision.redaction.store_content else None,
                 extra={
                     "queries": len(queries),
                     "n_results": n_results,
                     "retrieved": audited[:MAX_AUDITED_CONTEXTS],
                     "truncated": len(audited) > MAX_AUDITED_CONTEXTS,
-                    "redactions": sum(r.redactions for r in results),
+                    "redactions": sum(r.redactions for r in results) + query_redactions,
                     "embedding_model": self.store.embedding_model,
                 },
             )
@@ -326,9 +343,3 @@ class GovernedRetrieval:
         if not decision.allowed:
             self.governor.enforce(subject, decision)
         return decision
-
-
-def _audited_queries(queries: Sequence[str], decision: Decision, governor: Governor) -> str | None:
-    if not decision.redaction.store_content:
-        return None
-    return "\n".join(governor.redact_text(q, decision.redaction)[0] for q in queries)

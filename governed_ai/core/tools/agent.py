@@ -111,6 +111,7 @@ class AgentResult(BaseModel):
     transcript: list[AgentStepRecord]
     usage: Usage
     cost_usd: float
+    model: str | None = None  # the model that answered the last step (after routing and fallbacks)
 
     @property
     def answered(self) -> bool:
@@ -187,6 +188,7 @@ class AgentLoop:
         self._tool_errors = 0
         self._usage = Usage()
         self._cost = 0.0
+        self._model_used: str | None = None
         self._final: Any = None
         self._stop: StopReason | None = None
         self._transcript: list[AgentStepRecord] = []
@@ -228,6 +230,7 @@ class AgentLoop:
         self._steps += 1
         self._usage = self._usage + result.usage
         self._cost += result.cost_usd
+        self._model_used = result.model
         if self.mode == "constrained":
             self._feed_constrained(result)
         else:
@@ -277,6 +280,7 @@ class AgentLoop:
             transcript=list(self._transcript),
             usage=self._usage,
             cost_usd=round(self._cost, 10),
+            model=self._model_used,
         )
 
     @property

@@ -9,17 +9,18 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Iterator
 
+from governed_ai.core.errors import ConfigurationError
 from governed_ai.core.tools.tool import Tool
 
 
-class UnknownToolError(KeyError):
+class UnknownToolError(ConfigurationError, KeyError):
     """No tool of that name is registered; the message lists the names that are."""
 
     def __str__(self) -> str:  # KeyError would print the message as a quoted repr
         return str(self.args[0])
 
 
-class DuplicateToolError(ValueError):
+class DuplicateToolError(ConfigurationError):
     """Another definition already holds this tool name."""
 
 

@@ -28,8 +28,9 @@ from pydantic import BaseModel
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
 from governed_ai.core.audit import AuditRecord, canonical_json
-from governed_ai.core.governor import GovernanceDenied, Governor
-from governed_ai.core.journal import ReplayJournal, key_digest
+from governed_ai.core.errors import CallInDoubt, GovernanceDenied, GovernedAIError
+from governed_ai.core.governor import Governor
+from governed_ai.core.journal import ReplayJournal
 from governed_ai.core.policy import Decision
 from governed_ai.core.policy import RedactionSettings as PolicyRedaction
 from governed_ai.core.subject import Subject
@@ -56,8 +57,11 @@ class ToolDenied(GovernanceDenied):
         self.by_arguments = by_arguments
 
 
-class ToolExecutionError(RuntimeError):
-    """The tool raised (or returned something that is not JSON); the message is redacted."""
+class ToolExecutionError(GovernedAIError):
+    """The tool raised (or returned something that is not JSON); the message is redacted. Not permanent:
+    the task's retries apply (a side-effecting call that raised is recorded as failed, so it runs again)."""
+
+    permanent = False
 
     def __init__(self, tool: str, message: str) -> None:
         super().__init__(f"tool {tool!r} failed: {message}")
@@ -65,24 +69,24 @@ class ToolExecutionError(RuntimeError):
         self.detail = message
 
 
-class ToolCallInDoubt(RuntimeError):
+class ToolCallInDoubt(CallInDoubt):
     """An earlier attempt started this side-effecting call and never reported back: it may have happened.
 
     Not retried automatically (the tool is not declared idempotent). Check whether the effect happened; if
-    it did not, mark the journal entry failed (``ReplayJournal(engine, "tool").fail(key, reason)``) and clear
-    the task to run it again.
+    it did not, mark the journal entry failed (``governed-ai journal fail tool <digest>``) and clear the task
+    to run it again.
     """
 
-    def __init__(self, tool: str, key: str, attempts: int) -> None:
+    def __init__(self, tool: str, key_digest: str, attempts: int) -> None:
         super().__init__(
             f"side-effecting call of tool {tool!r} is in doubt: an earlier attempt started it "
             f"({attempts} claim(s)) but never recorded a result, so it may or may not have taken effect. It "
-            f"is not repeated automatically. Check the effect, then mark the journal entry (key sha256 "
-            f"{key_digest(key)}) failed to allow a new attempt, or declare the tool idempotent=True if "
-            "repeating it is harmless."
+            f"is not repeated automatically. Check the effect, then mark the journal entry failed to allow "
+            f"a new attempt (governed-ai journal fail tool {key_digest}), or declare the tool "
+            "idempotent=True if repeating it is harmless."
         )
         self.tool = tool
-        self.key = key
+        self.key_digest = key_digest
 
 
 @dataclass(frozen=True)
@@ -107,12 +111,9 @@ class ToolCallResult:
     replayed: bool
     rule: str | None
     idempotency_key: str
+    idempotency_key_sha256: str  # the digest journal and audit carry (keyed when the deployment has a key)
     duration_ms: float
     redactions: int = 0
-
-    @property
-    def idempotency_key_sha256(self) -> str:
-        return key_digest(self.idempotency_key)
 
 
 def arguments_digest(arguments: Any) -> str:
@@ -222,7 +223,13 @@ class GovernedToolRunner:
         claimed = False
         if found.side_effects:
             assert self.journal is not None  # checked in __init__
-            claim = self.journal.begin(key, reclaim_in_doubt=found.idempotent)
+            claim = self.journal.begin(
+                key,
+                reclaim_in_doubt=found.idempotent,
+                label=f"tool {name}",
+                instance=self.governor.instance_digest(self.subject),
+                try_number=self.subject.try_number,
+            )
             if claim.status == "completed":
                 self._record(
                     "tool.call",
@@ -232,13 +239,15 @@ class GovernedToolRunner:
                     duration_ms=0.0,
                     **common.fields(),
                 )
-                return ToolCallResult(name, claim.result, True, decision.rule, key, 0.0)
+                return ToolCallResult(
+                    name, claim.result, True, decision.rule, key, self.governor.digest(key), 0.0
+                )
             if claim.status == "in_doubt":
                 self._record(
                     "tool.call", name, outcome="in_doubt", decision="allow",
                     error="an earlier attempt started this call and never finished", **common.fields(),
                 )  # fmt: skip
-                raise ToolCallInDoubt(name, key, claim.entry.attempts)
+                raise ToolCallInDoubt(name, self.governor.digest(key), claim.entry.attempts)
             claimed = True
 
         started = self._timer()
@@ -267,7 +276,9 @@ class GovernedToolRunner:
             "tool.call", name, outcome="ok", decision="allow", duration_ms=duration, content=content,
             redactions=redactions, **common.fields(),
         )  # fmt: skip
-        return ToolCallResult(name, jsonable, False, decision.rule, key, duration, redactions)
+        return ToolCallResult(
+            name, jsonable, False, decision.rule, key, self.governor.digest(key), duration, redactions
+        )
 
     def attempt(self, call: ToolCall) -> ToolOutcome:
         """Run a call a model asked for, turning denials and failures into outcomes the model is told of.
@@ -388,7 +399,7 @@ class GovernedToolRunner:
     ) -> None:
         extra: dict[str, Any] = {"step": step}
         if key is not None:
-            extra["idempotency_key_sha256"] = key_digest(key)
+            extra["idempotency_key_sha256"] = self.governor.digest(key)
         if duration_ms is not None:
             extra["duration_ms"] = duration_ms
         if side_effects is not None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, overload
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
+from governed_ai.core.errors import ConfigurationError, InvalidInput
 from governed_ai.core.structured_output import describe_failure
 
 if TYPE_CHECKING:
@@ -29,11 +30,11 @@ FINAL_CHOICE = "final"
 _TOOL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
 
 
-class ToolDefinitionError(TypeError):
+class ToolDefinitionError(ConfigurationError, TypeError):
     """A tool is declared wrongly (bad name, untyped parameter, ...); raised when the DAG file is parsed."""
 
 
-class ToolArgumentsError(ValueError):
+class ToolArgumentsError(InvalidInput):
     """Arguments do not fit a tool's argument model; ``problems`` lists each one in readable form."""
 
     def __init__(self, tool: str, problems: str) -> None:

@@ -10,30 +10,47 @@ from __future__ import annotations
 import ast
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
-#: What a gate puts in XCom instead of the rows when they are many: where they are and how many.
+from governed_ai.core.errors import InvalidInput
+from governed_ai.core.xcom import is_rows_manifest, rows_manifest
+
+#: What a gate puts in XCom instead of the rows when they are many (see :mod:`governed_ai.core.xcom`).
 Manifest = dict[str, Any]
+#: Reads a file's text from a local path or a URI (operators pass one that knows object storage).
+TextReader = Callable[[str], str]
 
 
-class RowsError(ValueError):
+class RowsError(InvalidInput):
     """The input is not a batch of rows; the message says where and what was expected."""
 
 
-def rows_from_value(value: Any, *, what: str = "rows") -> list[dict[str, Any]]:
+def read_local_text(location: str) -> str:
+    """The text of a local path or ``file://`` URI; other URIs need a reader that knows object storage."""
+    parsed = urlparse(location)
+    if parsed.scheme not in ("", "file"):
+        raise RowsError(
+            f"{location!r} is in object storage; read it through an operator (it passes a reader that "
+            "knows object storage), or pass read_text= here"
+        )
+    return Path(parsed.path if parsed.scheme == "file" else location).read_text(encoding="utf-8")
+
+
+def rows_from_value(
+    value: Any, *, what: str = "rows", read_text: TextReader = read_local_text
+) -> list[dict[str, Any]]:
     """A list of dict rows from a list/sequence of dicts, a manifest, or JSON/Python-literal text."""
     if isinstance(value, str):
         value = _parse_text(value, what)
     if isinstance(value, Mapping):
-        if is_manifest(value):
-            return read_rows_file(value["path"])
-        # An LLMBatchOperator result: its rows inline, or the file it wrote them to.
+        if is_rows_manifest(value):
+            return read_rows_file(value["results_path"], read_text=read_text)
+        # An LLMBatchOperator result with its rows inline.
         if isinstance(value.get("results"), list):
-            return rows_from_value(value["results"], what=what)
-        if isinstance(value.get("results_path"), str):
-            return read_rows_file(value["results_path"])
+            return rows_from_value(value["results"], what=what, read_text=read_text)
         raise RowsError(f"'{what}' is a single dict; give a list of dicts (one per model output)")
     if value is None or isinstance(value, bytes) or not isinstance(value, Iterable):
         raise RowsError(f"'{what}' must be a list of dicts, got {type(value).__name__}")
@@ -63,14 +80,17 @@ def _parse_text(text: str, what: str) -> Any:
         ) from None
 
 
-def read_rows_file(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Rows from a ``.jsonl`` file (one JSON object per line) or a ``.json`` file (a list of objects)."""
-    file = Path(path)
+def read_rows_file(
+    path: str | os.PathLike[str], *, read_text: TextReader = read_local_text
+) -> list[dict[str, Any]]:
+    """Rows from a ``.jsonl`` file (one JSON object per line) or a ``.json`` file (a list of objects),
+    local or (with a ``read_text`` that knows it) in object storage."""
+    file = str(path)
     try:
-        text = file.read_text(encoding="utf-8")
+        text = read_text(file)
     except FileNotFoundError:
         raise RowsError(f"rows file {file} does not exist") from None
-    if file.suffix == ".jsonl":
+    if file.endswith(".jsonl"):
         rows: list[Any] = []
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
@@ -87,13 +107,15 @@ def read_rows_file(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return rows_from_value(data, what=f"rows file {file}")
 
 
-def rows_from_llm_results(results: Any, *, what: str = "rows") -> list[dict[str, Any]]:
+def rows_from_llm_results(
+    results: Any, *, what: str = "rows", read_text: TextReader = read_local_text
+) -> list[dict[str, Any]]:
     """Rows from ``LLMOperator`` or ``LLMBatchOperator`` results: ``{"content": <reply>, **<output>}``.
 
     The reply text stays available as ``content``; with an ``output_schema`` the parsed fields sit next
     to it (a field called ``content`` in the schema wins over the reply text).
     """
-    rows = rows_from_value(results, what=what)
+    rows = rows_from_value(results, what=what, read_text=read_text)
     out: list[dict[str, Any]] = []
     for position, result in enumerate(rows):
         if result.get("status") in ("failed", "not_run") and "content" not in result:
@@ -151,13 +173,9 @@ def write_jsonl(path: str | os.PathLike[str], rows: Iterable[Any]) -> int:
 
 def manifest(path: str | os.PathLike[str], rows: int) -> Manifest:
     """What XCom carries instead of rows written to a file."""
-    return {"path": str(path), "rows": rows}
+    return rows_manifest(str(path), None, rows=rows)
 
 
-def is_manifest(value: Any) -> bool:
-    return isinstance(value, Mapping) and set(value) == {"path", "rows"}
-
-
-def load_rows(value: Any) -> list[dict[str, Any]]:
-    """The rows a gate passed on: its XCom value is either the rows themselves or a file manifest."""
-    return rows_from_value(value)
+def load_rows(value: Any, *, read_text: TextReader = read_local_text) -> list[dict[str, Any]]:
+    """The rows a gate or a batch passed on: its XCom value holds the rows themselves or a file manifest."""
+    return rows_from_value(value, read_text=read_text)

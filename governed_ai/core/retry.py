@@ -1,9 +1,12 @@
-"""Per-item retries for batch calls: which failures are transient, and how long to wait.
+"""The one retry policy for requests to a model or embedding endpoint: which failures are transient, how
+long to wait, and when to give up.
 
 Transient: HTTP 429, 5xx, 408/409, timeouts, dropped connections, and malformed response bodies (a proxy
 or an overloaded server answering 200 with garbage). Waits honour the server's ``Retry-After`` (or
-``retry-after-ms``) header, else back off exponentially with jitter. Everything else (400, 401, 404, a
-reply that does not fit the schema after repairs) fails the item at once: retrying cannot fix it.
+``retry-after-ms``) header, else back off exponentially with jitter. Everything else (400, 401, 403, 404)
+fails at once: sending the same request again cannot fix it. A call gives up after ``max_retries`` retries
+or when its deadline would pass before the next attempt could start, whichever comes first, so a hung
+endpoint costs at most the deadline.
 """
 
 from __future__ import annotations
@@ -15,18 +18,26 @@ from datetime import UTC
 from typing import Any
 
 import openai
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_before_delay,
+    stop_never,
+)
 from tenacity.wait import wait_random_exponential
+
+from governed_ai.core.errors import MalformedResponse
 
 MAX_RETRY_AFTER_S = 120.0
 
 
-class MalformedResponse(RuntimeError):
-    """The endpoint answered, but the body is not a usable chat completion."""
-
-
 def is_transient(error: BaseException) -> bool:
+    """Whether the same request may succeed if sent again."""
     if isinstance(error, MalformedResponse | openai.APITimeoutError | openai.APIConnectionError):
+        return True
+    if isinstance(error, TimeoutError):  # the per-call deadline cut an attempt short
         return True
     if isinstance(error, openai.APIStatusError):
         return error.status_code in (408, 409, 429) or error.status_code >= 500
@@ -84,10 +95,20 @@ class _WaitHonouringRetryAfter:
         return asked if asked is not None else float(self._backoff(state))
 
 
-def item_retrying(max_attempts: int, *, initial_wait: float = 0.5, max_wait: float = 30.0) -> AsyncRetrying:
-    """A tenacity controller for one HTTP exchange of one item (re-raises the last error when exhausted)."""
+def request_retrying(
+    max_retries: int,
+    *,
+    deadline_seconds: float | None = None,
+    initial_wait: float = 0.5,
+    max_wait: float = 30.0,
+) -> AsyncRetrying:
+    """A tenacity controller for one request (re-raises the last error when it gives up)."""
+    # stop_before_delay: do not start a wait that would end past the deadline.
+    stop = stop_after_attempt(max_retries + 1) | (
+        stop_before_delay(deadline_seconds) if deadline_seconds is not None else stop_never
+    )
     return AsyncRetrying(
-        stop=stop_after_attempt(max_attempts),
+        stop=stop,
         wait=_WaitHonouringRetryAfter(initial_wait, max_wait),
         retry=retry_if_exception(is_transient),
         reraise=True,

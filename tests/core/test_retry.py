@@ -1,4 +1,4 @@
-"""Per-item retries: transient vs permanent errors, Retry-After parsing, and waits that honour it.
+"""The one retry policy: transient vs permanent errors, Retry-After, waits, attempts and the deadline.
 
 The errors are real: they come from the openai SDK talking HTTP to FakeOpenAIServer (or to a closed
 port), so the classification is checked against what the SDK really raises.
@@ -16,11 +16,11 @@ from typing import Any
 import openai
 import pytest
 
-from governed_ai.core.batch.retry import (
+from governed_ai.core.errors import MalformedResponse
+from governed_ai.core.retry import (
     MAX_RETRY_AFTER_S,
-    MalformedResponse,
     is_transient,
-    item_retrying,
+    request_retrying,
     retry_after_seconds,
 )
 from tests.fakes.openai_server import FakeOpenAIServer, ScriptedReply
@@ -124,16 +124,18 @@ def test_retry_after_is_capped_never_negative_and_ignored_when_unusable(server):
 
 
 def run_with_recorded_sleeps(
-    errors: list[BaseException | None], max_attempts: int
+    errors: list[BaseException | None], max_attempts: int, deadline_seconds: float | None = None
 ) -> tuple[Any, list[float]]:
-    """Drive item_retrying over scripted outcomes, recording the waits instead of sleeping."""
+    """Drive request_retrying over scripted outcomes, recording the waits instead of sleeping."""
     slept: list[float] = []
 
     async def record(seconds: float) -> None:
         slept.append(seconds)
 
     async def main() -> str:
-        controller = item_retrying(max_attempts, initial_wait=0.5, max_wait=30.0)
+        controller = request_retrying(
+            max_attempts - 1, deadline_seconds=deadline_seconds, initial_wait=0.5, max_wait=30.0
+        )
         controller.sleep = record  # tenacity's own hook: no wall-clock waits in tests
         outcomes = iter(errors)
         async for attempt in controller:
@@ -165,3 +167,12 @@ def test_permanent_errors_are_not_retried_and_exhaustion_reraises_the_last_error
     malformed = [MalformedResponse(f"bad body {i}") for i in range(3)]
     with pytest.raises(MalformedResponse, match="bad body 2"):
         run_with_recorded_sleeps([*malformed, None], max_attempts=3)
+
+
+def test_no_wait_starts_that_would_end_past_the_deadline(server):
+    asked = error_from(server, ScriptedReply(status=429, headers={"retry-after": "100"}))
+    with pytest.raises(openai.RateLimitError):  # a 100 s wait does not fit a 5 s deadline
+        run_with_recorded_sleeps([asked, None], max_attempts=10, deadline_seconds=5.0)
+    short = error_from(server, ScriptedReply(status=429, headers={"retry-after-ms": "100"}))
+    result, slept = run_with_recorded_sleeps([short, None], max_attempts=10, deadline_seconds=5.0)
+    assert (result, slept) == ("done", [0.1])

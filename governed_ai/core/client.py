@@ -1,0 +1,667 @@
+"""The governed client: the one path from the provider to a model or an embedding endpoint.
+
+Every operator (single calls, structured output and its repairs, agent steps in both modes, batch items,
+embeddings for ingest and query) sends its requests through a :class:`GovernedClient`. For each request
+that would be paid for, in this order:
+
+1. **authorize** against the policy as it is *now* (the engine is cached and versioned, so this costs
+   microseconds): a revoked grant or a policy that no longer loads denies the very next request of a
+   running task, batches included; every refusal is an audit ``deny`` record;
+2. **route**: a role such as ``default`` becomes the policy's model, with fallbacks tried in order when a
+   model is not served or keeps failing;
+3. **redact** the request as the policy says, before it leaves;
+4. **replay** it from the journal if an earlier try of this task instance already paid for the same
+   request (the journal key is a digest of the task instance and the whole request body), else
+5. **reserve** its worst case against every budget that applies (denied when it does not fit), **claim**
+   it in the journal, send it (through the transport's one retry policy), **complete** it in the journal
+   together with its audit record in one group commit, and **settle** the budget with the real usage.
+
+Airflow-free: hooks build the transport (from the LLM connection) and the governor (from the governance
+connection); operators call :meth:`GovernedClient.chat`, :meth:`~GovernedClient.embed` or, for batches,
+run coroutines on the client's own event loop with :meth:`~GovernedClient.run`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import orjson
+
+from governed_ai.core.audit import AuditRecord
+from governed_ai.core.budget import BudgetGate
+from governed_ai.core.chat import ChatRequest, ChatResult, Message
+from governed_ai.core.errors import (
+    ConfigurationError,
+    GovernanceDenied,
+    ModelCallError,
+    ModelUnavailable,
+)
+from governed_ai.core.governor import Governor
+from governed_ai.core.journal import (
+    JournalEntry,
+    JournalState,
+    ReplayJournal,
+    StepClaim,
+    StepDone,
+    StepFailed,
+)
+from governed_ai.core.llm_settings import StructuredOutputMode
+from governed_ai.core.policy import Decision, PolicyEngine
+from governed_ai.core.pricing import PriceTable, estimate_prompt_tokens
+from governed_ai.core.store_writer import StoreWriter
+from governed_ai.core.subject import Subject
+from governed_ai.core.transport import Completion, Embeddings, ModelTransport
+from governed_ai.core.xcom import ai_xcom, governance_xcom
+
+# Reserve for this many completion tokens when a request sets no max_tokens: budgets need an upper bound.
+DEFAULT_COMPLETION_RESERVE = 1024
+# What the audit trail keeps of one exchange's text when the policy stores content (already redacted).
+_MAX_AUDIT_CONTENT = 20_000
+_MAX_ERROR = 2_000
+
+T = TypeVar("T")
+#: Looks at each paid reply and returns audit records to add to it (e.g. an agent's refused tool choice).
+ReplyCheck = Callable[[Completion], Sequence[AuditRecord]]
+
+
+@dataclass(frozen=True)
+class GovernedChatResult:
+    """A model call's result plus what governance decided about it."""
+
+    result: ChatResult
+    rule: str | None
+    prompt_version: str | None
+    redactions: int
+    fallbacks_tried: tuple[str, ...] = ()
+
+    @property
+    def replayed(self) -> bool:
+        """Every attempt came from the journal: nothing was paid for by this try."""
+        return self.result.attempts > 0 and self.result.replayed_attempts == self.result.attempts
+
+    def governance(self) -> dict[str, Any]:
+        return governance_xcom(
+            rule=self.rule,
+            prompt_version=self.prompt_version,
+            redactions=self.redactions,
+            fallbacks_tried=self.fallbacks_tried,
+        )
+
+    def to_xcom(self) -> dict[str, Any]:
+        r = self.result
+        return ai_xcom(
+            model=r.model,
+            prompt_tokens=r.usage.prompt_tokens,
+            completion_tokens=r.usage.completion_tokens,
+            cost_usd=r.cost_usd,
+            latency_ms=r.latency_ms,
+            governance=self.governance(),
+            content=r.content,
+            output=r.output,
+            attempts=r.attempts,
+            replayed_attempts=r.replayed_attempts,
+            finish_reason=r.finish_reason,
+        )
+
+
+@dataclass(frozen=True)
+class GovernedEmbeddings:
+    """Vectors for the (redacted) inputs, in input order, and what they cost."""
+
+    vectors: np.ndarray
+    model: str
+    prompt_tokens: int
+    cost_usd: float
+    rule: str | None
+    redactions: int
+    replayed: bool
+
+
+class _LoopThread:
+    """An event loop on its own thread, so sync code (operators, tools) can use the async client."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="governed-ai-client", daemon=True)
+        self._thread.start()
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
+
+
+class GovernedClient:
+    """Governed requests for one task (``subject``) through one LLM connection.
+
+    :param budget_block_size: requests whose worst case is reserved per ledger transaction (1 for a few
+        calls; a batch uses more, see :mod:`governed_ai.core.budget`).
+    :param deadline_seconds: per-request limit over all retries (default: the connection's).
+    """
+
+    def __init__(
+        self,
+        governor: Governor,
+        transport: ModelTransport,
+        subject: Subject,
+        *,
+        connection_id: str,
+        prices: PriceTable,
+        structured_output: StructuredOutputMode = "json_schema",
+        default_model: str | None = None,
+        budget_block_size: int = 1,
+        deadline_seconds: float | None = None,
+    ) -> None:
+        self.governor = governor
+        self.transport = transport
+        self.subject = subject
+        self.connection_id = connection_id
+        self.prices = prices
+        self.structured_output = structured_output
+        self.default_model = default_model
+        self.deadline_seconds = deadline_seconds
+        self.writer = StoreWriter(governor.audit)
+        self.budget = BudgetGate(governor, subject, record=self._record, block_size=budget_block_size)
+        self._journals = {
+            scope: ReplayJournal(governor.audit.engine, scope, digest=governor.digest)
+            for scope in ("chat", "embed")
+        }
+        self._instance = governor.instance_digest(subject)
+        self._entries: dict[str, dict[str, JournalEntry]] = {}
+        self._entries_lock = asyncio.Lock()
+        self._allowed_recorded: set[tuple[str, str, str]] = set()
+        self._loop: _LoopThread | None = None
+        self._loop_lock = threading.Lock()
+        self.paid_requests = 0
+        self.replayed_requests = 0
+        # What this try paid for (replays excluded), for progress lines and summaries.
+        self.paid_prompt_tokens = 0
+        self.paid_completion_tokens = 0
+        self.paid_cost = 0.0
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run ``coroutine`` on the client's event loop (where its connections live) and return its result."""
+        with self._loop_lock:
+            if self._loop is None:
+                self._loop = _LoopThread()
+            loop = self._loop
+        return loop.run(coroutine)
+
+    async def aclose(self) -> None:
+        """Settle open budget blocks and close the endpoint's connections."""
+        await self.budget.close()
+        await self.transport.aclose()
+
+    def close(self) -> None:
+        """Settle, flush the journal and audit writes, close connections and stop the client's loop."""
+        try:
+            if self._loop is not None:
+                self._loop.run(self.aclose())
+        finally:
+            if self._loop is not None:
+                self._loop.stop()
+                self._loop = None
+            self.writer.close()
+
+    def __enter__(self) -> GovernedClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- sync facade -----------------------------------------------------------------------------------
+
+    def chat(
+        self, request: ChatRequest, *, prompt_version: str | None = None, item_key: str | None = None
+    ) -> GovernedChatResult:
+        """The governed call (see the module docstring); raises :mod:`governed_ai.core.errors` errors."""
+        return self.run(self.achat(request, prompt_version=prompt_version, item_key=item_key))
+
+    def embed(
+        self, texts: Sequence[str], *, model: str, redact: bool = True, item_key: str | None = None
+    ) -> GovernedEmbeddings:
+        return self.run(self.aembed(texts, model=model, redact=redact, item_key=item_key))
+
+    # -- chat ------------------------------------------------------------------------------------------
+
+    def resolve_requested(self, model: str | None) -> str:
+        """The model (or route alias) to ask for: the one given, else the connection's ``default_model``."""
+        chosen = model or self.default_model
+        if not chosen:
+            raise ConfigurationError(
+                f"No model given: set the operator's 'model' parameter, or 'default_model' in the extra "
+                f"fields of connection '{self.connection_id}'."
+            )
+        return chosen
+
+    async def achat(
+        self,
+        request: ChatRequest,
+        *,
+        prompt_version: str | None = None,
+        item_key: str | None = None,
+        check_reply: ReplyCheck | None = None,
+    ) -> GovernedChatResult:
+        requested = self.resolve_requested(request.model)
+        candidates = await self._candidates(self.governor.engine(), requested, prompt_version)
+        tried: list[str] = []
+        last: ModelUnavailable | None = None
+        for model in candidates:
+            try:
+                await self.transport.ensure_served(model)
+                result, decision, redactions = await self._chat_with(
+                    request, model, prompt_version, item_key, check_reply
+                )
+            except ModelUnavailable as unavailable:
+                tried.append(model)
+                last = unavailable
+                continue
+            return GovernedChatResult(
+                result=result,
+                rule=decision.rule,
+                prompt_version=prompt_version,
+                redactions=redactions,
+                fallbacks_tried=tuple(tried),
+            )
+        assert last is not None  # candidates is never empty: an empty route is denied
+        raise last
+
+    async def _candidates(
+        self, engine: PolicyEngine, requested: str, prompt_version: str | None
+    ) -> list[str]:
+        """The models to try for ``requested`` (a role or a model), in order; denied when none is granted."""
+        candidates = engine.resolve_model(self.subject, self.connection_id, requested)
+        if not candidates:
+            decision = engine.authorize_model(self.subject, self.connection_id, requested)
+            await self._deny(decision, model=requested, prompt_version=prompt_version)
+        return candidates
+
+    async def _authorize(self, model: str, prompt_version: str | None) -> Decision:
+        """The current policy's decision on ``model``; a denial is audited and raised, the first allow of
+        each model under each policy version is audited once."""
+        decision = self.governor.engine().authorize_model(self.subject, self.connection_id, model)
+        if not decision.allowed:
+            await self._deny(decision, model=model, prompt_version=prompt_version)
+        seen = (model, decision.rule or "", decision.policy_digest)
+        if seen not in self._allowed_recorded:
+            self._allowed_recorded.add(seen)
+            await self._record(
+                self.governor.allow_record(self.subject, decision, model=model, prompt_version=prompt_version)
+            )
+        return decision
+
+    async def _deny(self, decision: Decision, **fields: Any) -> None:
+        record = self.governor.denial_record(self.subject, decision, **fields)
+        await self._record(record)
+        raise GovernanceDenied(
+            record.error or "denied", action=decision.action, resource=decision.resource, rule=decision.rule
+        )
+
+    async def _chat_with(
+        self,
+        request: ChatRequest,
+        model: str,
+        prompt_version: str | None,
+        item_key: str | None,
+        check_reply: ReplyCheck | None,
+    ) -> tuple[ChatResult, Decision, int]:
+        decision = await self._authorize(model, prompt_version)
+        cap = decision.max_tokens_per_call
+        max_tokens = request.max_tokens if cap is None else min(request.max_tokens or cap, cap)
+        governed = request.model_copy(
+            update={"model": model, "max_tokens": max_tokens, "structured_output": self.structured_output}
+        )
+        driver = governed.driver(self.prices)
+        redactions = 0
+        resource = f"{self.connection_id}/{model}"
+        while (body := driver.next_request()) is not None:
+            # The policy of now, before every request: a grant revoked mid-call stops the next one.
+            decision = await self._authorize(model, prompt_version)
+            body, found = self._redact_messages(body, decision)
+            redactions += found
+            key = self._step_key("chat", body, item_key)
+            replay = await self._completed("chat", key)
+            if replay is not None:
+                completion = Completion.from_json(replay.result["completion"])
+                driver.feed(completion, 0.0, replayed=True, verdict=replay.result.get("verdict"))
+                self.replayed_requests += 1
+                await self._record(self._replay_record(resource, model, decision, prompt_version, item_key))
+                continue
+            await self._paid_chat(
+                driver, body, key, resource, model, decision, prompt_version, item_key, check_reply
+            )
+        result = driver.result()
+        if decision.redaction.outputs:
+            redacted, found = self.governor.redact_obj(
+                {"content": result.content, "output": result.output}, decision.redaction
+            )
+            redactions += found
+            result = result.model_copy(update={"content": redacted["content"], "output": redacted["output"]})
+        return result, decision, redactions
+
+    async def _paid_chat(
+        self,
+        driver: Any,
+        body: dict[str, Any],
+        key: str,
+        resource: str,
+        model: str,
+        decision: Decision,
+        prompt_version: str | None,
+        item_key: str | None,
+        check_reply: ReplyCheck | None,
+    ) -> None:
+        prompt_estimate = estimate_prompt_tokens(_message_chars(body["messages"]))
+        completion_cap = int(body.get("max_tokens") or DEFAULT_COMPLETION_RESERVE)
+        ticket = await self.budget.take(
+            prompt_estimate + completion_cap,
+            self.prices.cost(model, prompt_estimate, completion_cap),
+            resource=resource,
+            model=model,
+        )
+        label = f"chat {model}"
+        await self.writer.write(
+            steps=[
+                StepClaim("chat", key, self._instance, label, self.subject.try_number, ticket.reservation_id)
+            ]
+        )
+        started = time.perf_counter()
+        try:
+            sent = await self.transport.chat(
+                body,
+                deadline_seconds=self.deadline_seconds,
+                estimated_tokens=prompt_estimate + completion_cap,
+            )
+        except ModelCallError as error:
+            await self.budget.finish(ticket, 0, 0.0)
+            message = self._error_text(error, decision)
+            await self.writer.write(
+                records=[
+                    self._call_record(
+                        resource, model, decision, prompt_version, item_key, started, error=message
+                    )
+                ],
+                steps=[StepFailed("chat", key, message)],
+            )
+            raise
+        completion = sent.result
+        cost = self.prices.cost(model, completion.prompt_tokens, completion.completion_tokens)
+        self._count_paid(completion.prompt_tokens, completion.completion_tokens, cost)
+        verdict = driver.feed(completion, sent.seconds)
+        stored_completion, stored_verdict = completion.to_json(), verdict
+        if decision.redaction.outputs:
+            (stored_completion, stored_verdict), _ = self.governor.redact_obj(
+                (stored_completion, stored_verdict), decision.redaction
+            )
+        content = None
+        if decision.redaction.store_content:
+            content = self._audit_content(body["messages"], completion, decision)
+        record = self._call_record(
+            resource, model, decision, prompt_version, item_key, started,
+            prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens,
+            cost_usd=cost, content=content, http_attempts=sent.http_attempts,
+        )  # fmt: skip
+        checked = list(check_reply(completion)) if check_reply is not None else []
+        await self.writer.write(
+            records=[record, *checked],
+            steps=[
+                StepDone(
+                    "chat",
+                    key,
+                    self._instance,
+                    label,
+                    self.subject.try_number,
+                    ticket.reservation_id,
+                    {"completion": stored_completion, "verdict": stored_verdict},
+                    completion.prompt_tokens,
+                    completion.completion_tokens,
+                    cost,
+                )
+            ],
+        )
+        await self.budget.finish(ticket, completion.total_tokens, cost)
+
+    # -- embeddings ------------------------------------------------------------------------------------
+
+    async def aembed(
+        self, texts: Sequence[str], *, model: str, redact: bool = True, item_key: str | None = None
+    ) -> GovernedEmbeddings:
+        """Vectors for ``texts`` from the embedding endpoint, governed like a chat request.
+
+        The policy must grant ``model`` on this connection; the texts are redacted before they leave
+        (``redact=False`` is for texts the caller has already redacted with the same policy).
+        """
+        if not texts:
+            raise ValueError("nothing to embed")
+        decision = await self._authorize(model, None)
+        redactions = 0
+        inputs = list(texts)
+        if redact and decision.redaction.prompts:
+            inputs, redactions = self.governor.redact_obj(inputs, decision.redaction)
+        resource = f"{self.connection_id}/{model}"
+        body = {"model": model, "input": inputs}
+        key = self._step_key("embed", body, item_key)
+        replay = await self._completed("embed", key)
+        if replay is not None:
+            vectors = Embeddings.from_json(replay.result)
+            self.replayed_requests += 1
+            await self._record(
+                self._replay_record(resource, model, decision, None, item_key, action="embedding.replay")
+            )
+            return GovernedEmbeddings(vectors.vectors, vectors.model, vectors.prompt_tokens, 0.0,
+                                      decision.rule, redactions, True)  # fmt: skip
+        estimate = sum(estimate_prompt_tokens(len(text)) for text in inputs)
+        ticket = await self.budget.take(
+            estimate, self.prices.cost(model, estimate, 0), resource=resource, model=model
+        )
+        label = f"embed {model}"
+        await self.writer.write(
+            steps=[
+                StepClaim("embed", key, self._instance, label, self.subject.try_number, ticket.reservation_id)
+            ]
+        )
+        started = time.perf_counter()
+        try:
+            sent = await self.transport.embed(
+                model, inputs, deadline_seconds=self.deadline_seconds, estimated_tokens=estimate
+            )
+        except ModelCallError as error:
+            await self.budget.finish(ticket, 0, 0.0)
+            message = self._error_text(error, decision)
+            await self.writer.write(
+                records=[
+                    self._call_record(
+                        resource,
+                        model,
+                        decision,
+                        None,
+                        item_key,
+                        started,
+                        error=message,
+                        action="embedding.call",
+                    )
+                ],
+                steps=[StepFailed("embed", key, message)],
+            )
+            raise
+        result = sent.result
+        cost = self.prices.cost(model, result.prompt_tokens, 0)
+        self._count_paid(result.prompt_tokens, 0, cost)
+        record = self._call_record(
+            resource, model, decision, None, item_key, started, prompt_tokens=result.prompt_tokens,
+            completion_tokens=0, cost_usd=cost, http_attempts=sent.http_attempts, action="embedding.call",
+            inputs=len(inputs),
+        )  # fmt: skip
+        await self.writer.write(
+            records=[record],
+            steps=[
+                StepDone(
+                    "embed",
+                    key,
+                    self._instance,
+                    label,
+                    self.subject.try_number,
+                    ticket.reservation_id,
+                    result.to_json(),
+                    result.prompt_tokens,
+                    0,
+                    cost,
+                )
+            ],
+        )
+        await self.budget.finish(ticket, result.prompt_tokens, cost)
+        return GovernedEmbeddings(result.vectors, result.model, result.prompt_tokens, cost, decision.rule,
+                                  redactions, False)  # fmt: skip
+
+    def _count_paid(self, prompt_tokens: int, completion_tokens: int, cost: float) -> None:
+        self.paid_requests += 1
+        self.paid_prompt_tokens += prompt_tokens
+        self.paid_completion_tokens += completion_tokens
+        self.paid_cost += cost
+
+    def describe_error(self, error: BaseException) -> str:
+        """A failure as an item's reason: type and message, redacted as this task's policy says."""
+        redaction = self.governor.engine().redaction_for(self.subject)
+        text, _ = self.governor.redact_text(f"{type(error).__name__}: {error}"[:_MAX_ERROR], redaction)
+        return text
+
+    # -- journal ----------------------------------------------------------------------------------------
+
+    def _step_key(self, scope: str, body: dict[str, Any], item_key: str | None) -> str:
+        material = orjson.dumps([scope, self._instance, item_key, body], option=orjson.OPT_SORT_KEYS)
+        return self.governor.digest(material.decode("utf-8"))
+
+    async def _completed(self, scope: str, key: str) -> JournalEntry | None:
+        """The completed journal entry of ``key`` from an earlier try of this task instance, if any."""
+        entries = self._entries.get(scope)
+        if entries is None:
+            async with self._entries_lock:
+                entries = self._entries.get(scope)
+                if entries is None:
+                    entries = await asyncio.to_thread(
+                        self._journals[scope].entries_for_instance, self._instance
+                    )
+                    self._entries[scope] = entries
+        entry = entries.get(key)
+        if entry is None or entry.state is not JournalState.COMPLETED:
+            return None
+        # Only what an earlier try paid for is replayed: the same question asked twice within one try (an
+        # agent's repeated request, sampling at a temperature) is asked twice.
+        if entry.try_number is not None and entry.try_number >= self.subject.try_number:
+            return None
+        return entry
+
+    # -- records ---------------------------------------------------------------------------------------
+
+    async def _record(self, record: AuditRecord) -> None:
+        await self.writer.write(records=[record])
+
+    def item_digest(self, item_key: str) -> str:
+        """What the audit trail shows of a batch item's key: a digest, never the key itself."""
+        return self.governor.digest(f"item|{self._instance}|{item_key}")[:16]
+
+    def _call_record(
+        self,
+        resource: str,
+        model: str,
+        decision: Decision,
+        prompt_version: str | None,
+        item_key: str | None,
+        started: float,
+        *,
+        error: str | None = None,
+        http_attempts: int | None = None,
+        action: str = "model.call",
+        inputs: int | None = None,
+        **fields: Any,
+    ) -> AuditRecord:
+        extra: dict[str, Any] = {}
+        if item_key is not None:
+            extra["item"] = self.item_digest(item_key)
+        if http_attempts is not None:
+            extra["http_attempts"] = http_attempts
+        if inputs is not None:
+            extra["inputs"] = inputs
+        return AuditRecord.for_subject(
+            self.subject,
+            action=action,
+            resource=resource,
+            decision="allow",
+            rule=decision.rule,
+            model=model,
+            prompt_version=prompt_version,
+            latency_ms=round((time.perf_counter() - started) * 1000, 3),
+            outcome="ok" if error is None else "error",
+            error=error,
+            extra=extra,
+            **fields,
+        )
+
+    def _replay_record(
+        self,
+        resource: str,
+        model: str,
+        decision: Decision,
+        prompt_version: str | None,
+        item_key: str | None,
+        *,
+        action: str = "model.replay",
+    ) -> AuditRecord:
+        extra = {"item": self.item_digest(item_key)} if item_key is not None else {}
+        return AuditRecord.for_subject(
+            self.subject,
+            action=action,
+            resource=resource,
+            decision="allow",
+            rule=decision.rule,
+            model=model,
+            prompt_version=prompt_version,
+            outcome="replayed",
+            extra=extra,
+        )
+
+    def _error_text(self, error: BaseException, decision: Decision) -> str:
+        text, _ = self.governor.redact_text(
+            f"{type(error).__name__}: {error}"[:_MAX_ERROR], decision.redaction
+        )
+        return text
+
+    def _redact_messages(self, body: dict[str, Any], decision: Decision) -> tuple[dict[str, Any], int]:
+        """``body`` with its messages' contents redacted (roles and keys are fixed strings)."""
+        if not decision.redaction.prompts:
+            return body, 0
+        found = 0
+        messages: list[Message] = []
+        for message in body["messages"]:
+            content = message.get("content")
+            if isinstance(content, str):
+                content, count = self.governor.redact_text(content, decision.redaction)
+            elif content is not None:  # structured content parts
+                content, count = self.governor.redact_obj(content, decision.redaction)
+            else:
+                count = 0
+            found += count
+            messages.append({**message, "content": content})
+        return {**body, "messages": messages}, found
+
+    def _audit_content(self, messages: Sequence[Message], completion: Completion, decision: Decision) -> str:
+        prompt = "\n".join(f"[{m.get('role')}] {m.get('content')}" for m in messages)
+        text = f"{prompt}\n[assistant] {completion.content}"[:_MAX_AUDIT_CONTENT]
+        # What the audit trail keeps is always redacted, even when the model or XCom saw raw text.
+        redacted, _ = self.governor.redact_text(text, decision.redaction)
+        return redacted
+
+
+def _message_chars(messages: Sequence[Message]) -> int:
+    return sum(len(str(m.get("content") or "")) for m in messages)

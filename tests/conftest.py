@@ -106,3 +106,43 @@ def governance_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callab
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     shutil.rmtree(_AIRFLOW_HOME, ignore_errors=True)
+
+
+@pytest.fixture
+def client_for_connection(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Builds a real GovernedClient for an LLM connection (as the environment defines it), with a policy
+    given as YAML and a private SQLite store; closed at the end of the test."""
+    from governed_ai.core.audit import AuditStore
+    from governed_ai.core.client import GovernedClient
+    from governed_ai.core.governor import Governor
+    from governed_ai.core.ledger import BudgetLedger
+    from governed_ai.core.policy import PolicyProvider
+    from governed_ai.core.sqlstore import create_store_engine
+    from governed_ai.core.subject import Subject
+    from governed_ai.hooks.llm import LLMHook
+
+    engine = create_store_engine(f"sqlite:///{tmp_path / 'client-governance.db'}")
+    clients: list[GovernedClient] = []
+
+    def build(policy_yaml: str, *, conn_id: str = "governed_ai_llm_default", dag_id: str = "unit_dag",
+              task_id: str = "unit_task", try_number: int = 1) -> GovernedClient:  # fmt: skip
+        hook = LLMHook(llm_conn_id=conn_id)
+        governor = Governor(
+            policy=PolicyProvider(text=policy_yaml), ledger=BudgetLedger(engine), audit=AuditStore(engine)
+        )
+        client = GovernedClient(
+            governor,
+            hook.transport(),
+            Subject(dag_id=dag_id, task_id=task_id, try_number=try_number),
+            connection_id=conn_id,
+            prices=hook.settings.prices,
+            structured_output=hook.settings.structured_output,
+            default_model=hook.settings.default_model,
+        )
+        clients.append(client)
+        return client
+
+    yield build
+    for client in clients:
+        client.close()
+    engine.dispose()

@@ -389,7 +389,14 @@ class GovernedClient:
             await self.writer.write(
                 records=[
                     self._call_record(
-                        resource, model, decision, prompt_version, item_key, started, error=message
+                        resource,
+                        model,
+                        decision,
+                        prompt_version,
+                        item_key,
+                        started,
+                        error=message,
+                        http_attempts=error.http_attempts,
                     )
                 ],
                 steps=[StepFailed("chat", key, message)],

@@ -72,6 +72,8 @@ class ModelCallError(GovernedAIError):
     """The endpoint failed the call after the transport's retries; a later retry of the task may work."""
 
     permanent = False
+    #: How many HTTP attempts the transport made before giving up (set by the transport).
+    http_attempts: int | None = None
 
 
 class ModelUnavailable(ModelCallError):

@@ -29,6 +29,7 @@ from aiolimiter import AsyncLimiter
 from governed_ai.core.errors import (
     EndpointRejected,
     MalformedResponse,
+    ModelCallError,
     ModelNotServed,
     ModelUnavailable,
 )
@@ -286,15 +287,19 @@ class ModelTransport:
                     if path == "/chat/completions":
                         Completion.from_body(content, model)  # malformed bodies are retried like 5xx
         except MalformedResponse as error:
-            raise ModelUnavailable(
+            failure: ModelCallError = ModelUnavailable(
                 f"{self.where} kept answering with malformed bodies for model '{model}' after {attempts} "
                 f"attempt(s): {error}"
-            ) from error
+            )
+            failure.http_attempts = attempts
+            raise failure from error
         except openai.APIError as error:
-            raise self._explain(error, model, attempts) from error
+            failure = self._explain(error, model, attempts)
+            failure.http_attempts = attempts
+            raise failure from error
         return Sent(content, attempts, time.monotonic() - started)
 
-    def _explain(self, error: openai.APIError, model: str, attempts: int) -> Exception:
+    def _explain(self, error: openai.APIError, model: str, attempts: int) -> ModelCallError:
         where = self.where
         if isinstance(error, openai.NotFoundError):
             return ModelNotServed(
@@ -314,7 +319,8 @@ class ModelTransport:
             )
         kind = "transient" if is_transient(error) else "unexpected"
         return ModelUnavailable(
-            f"call to {where} for model '{model}' failed after {attempts} attempt(s) ({kind} error): {error}"
+            f"call to {where} for model '{model}' failed after {attempts} attempt(s) ({kind} "
+            f"{type(error).__name__}): {error}"
         )
 
     # -- discovery ----------------------------------------------------------------------------------------

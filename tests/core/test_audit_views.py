@@ -7,11 +7,10 @@ values are recomputed in Python from the records the store returns, never typed 
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -25,11 +24,10 @@ from governed_ai.core.audit_views import (
     AuditViews,
     RunSummary,
 )
-from governed_ai.core.chat import ChatRequest, ChatResult, Usage
-from governed_ai.core.governor import GovernanceDenied, Governor
-from governed_ai.core.ledger import BudgetKey, BudgetLedger
+from governed_ai.core.governor import Governor
+from governed_ai.core.ledger import BudgetExceeded, BudgetKey, BudgetLedger
 from governed_ai.core.policy import PolicyProvider
-from governed_ai.core.pricing import PriceTable
+from governed_ai.core.pricing import PriceTable, estimate_prompt_tokens
 from governed_ai.core.subject import Subject
 
 PRICES = PriceTable.from_mapping({"*": {"input_per_1m_tokens": 3.0, "output_per_1m_tokens": 15.0}})
@@ -52,23 +50,12 @@ budgets:
 
 @dataclass
 class ScriptedModel:
-    """A named fake of the model endpoint: replies with the next scripted latency and fixed usage."""
+    """A named fake of the model endpoint: the next scripted latency and a fixed usage per call."""
 
     latencies: list[float]
     prompt_tokens: int = 40
     completion_tokens: int = 9
-    requests: list[ChatRequest] = field(default_factory=list)
-
-    def __call__(self, request: ChatRequest) -> ChatResult:
-        self.requests.append(request)
-        return ChatResult(
-            content="fine",
-            model=request.model,
-            usage=Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens),
-            cost_usd=PRICES.cost(request.model, self.prompt_tokens, self.completion_tokens),
-            latency_ms=self.latencies.pop(0),
-            attempts=1,
-        )
+    calls: int = 0
 
 
 @pytest.fixture
@@ -81,11 +68,53 @@ def governor_for(engine: Engine) -> Governor:
 
 
 def call(governor: Governor, subject: Subject, model: str, fake: ScriptedModel, max_tokens: int = 20) -> None:
-    request = ChatRequest(messages=[{"role": "user", "content": "hi"}], model=model, max_tokens=max_tokens)
-    with contextlib.suppress(GovernanceDenied):  # denials are part of the activity being summarised
-        governor.chat(
-            subject, connection_id="llm", requested_model=model, request=request, call=fake, prices=PRICES
+    """Record what the governed client records for one call, through the real Governor, ledger and audit
+    APIs (authorize, reserve, settle, model.call), with a scripted latency instead of a clock."""
+    decision = governor.engine().authorize_model(subject, "llm", model)
+    if not decision.allowed:  # denials are part of the activity being summarised
+        governor.record(governor.denial_record(subject, decision, model=model))
+        return
+    governor.record(governor.allow_record(subject, decision, model=model))
+    estimate = estimate_prompt_tokens(len("hi")) + max_tokens
+    try:
+        reservation = governor.ledger.reserve(
+            governor.budget_keys(subject),
+            tokens=estimate,
+            cost_usd=PRICES.cost(model, estimate, 0),
+            holder=governor.holder(subject),
+            ttl_seconds=600,
         )
+    except BudgetExceeded as exceeded:
+        governor.record(
+            AuditRecord.for_subject(
+                subject,
+                action="budget.deny",
+                resource=f"llm/{model}",
+                decision="deny",
+                rule=exceeded.budget,
+                model=model,
+                outcome="denied",
+                error=str(exceeded),
+            )
+        )
+        return
+    cost = PRICES.cost(model, fake.prompt_tokens, fake.completion_tokens)
+    governor.ledger.settle(reservation.id, tokens=fake.prompt_tokens + fake.completion_tokens, cost_usd=cost)
+    fake.calls += 1
+    governor.record(
+        AuditRecord.for_subject(
+            subject,
+            action="model.call",
+            resource=f"llm/{model}",
+            decision="allow",
+            rule=decision.rule,
+            model=model,
+            prompt_tokens=fake.prompt_tokens,
+            completion_tokens=fake.completion_tokens,
+            cost_usd=cost,
+            latency_ms=fake.latencies.pop(0),
+        )
+    )
 
 
 def fill_through_governor(engine: Engine) -> None:
@@ -307,10 +336,14 @@ def test_spend_is_bucketed_by_utc_day_and_hour_per_dag(store_engine, views):
     for dag_id, when, cost, prompt, completion in moments:
         views.audit.append(
             AuditRecord(
-                time=when, dag_id=dag_id, action="model.call", cost_usd=cost,
-                prompt_tokens=prompt, completion_tokens=completion,
+                time=when,
+                dag_id=dag_id,
+                action="model.call",
+                cost_usd=cost,
+                prompt_tokens=prompt,
+                completion_tokens=completion,
             )
-        )  # fmt: skip
+        )
     views.audit.append(
         AuditRecord(time=moments[0][1], dag_id="views_a", action="model.authorize")
     )  # no usage

@@ -7,37 +7,34 @@ concurrency 1; the others use the fake's default reply and real concurrency.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import openai
 import pytest
 from pydantic import BaseModel
 
-from governed_ai.core.audit import AuditBuffer, AuditStore, StoredAuditRecord
+from governed_ai.core.audit import AuditStore, StoredAuditRecord
 from governed_ai.core.batch import (
-    BatchJournal,
     BatchProgress,
     BatchPrompt,
     BatchRun,
     BatchRunner,
     BatchSettings,
     CallSettings,
-    JournalWriter,
-    journal_prefix,
     make_items,
-    per_minute_limiter,
 )
-from governed_ai.core.governor import Governor
+from governed_ai.core.client import GovernedClient
+from governed_ai.core.governor import FixedPolicy, Governor
 from governed_ai.core.ledger import BudgetLedger
-from governed_ai.core.policy import PolicyProvider
+from governed_ai.core.llm_settings import LLMConnectionSettings
+from governed_ai.core.policy import PolicyProvider, engine_from_text
 from governed_ai.core.pricing import PriceTable
 from governed_ai.core.sqlstore import create_store_engine
 from governed_ai.core.subject import Subject
+from governed_ai.core.transport import ModelTransport, per_minute_limiter
 from tests.fakes.openai_server import FakeOpenAIServer, ScriptedReply
 
 SUBJECT = Subject(dag_id="batch_dag", task_id="classify", run_id="run-1")
@@ -73,8 +70,8 @@ class Label(BaseModel):
 class Harness:
     server: FakeOpenAIServer
     governor: Governor
-    store_url: str
     progress: list[BatchProgress]
+    last_client: GovernedClient | None = None
 
     def run(
         self,
@@ -82,50 +79,49 @@ class Harness:
         *,
         template: str = "Classify: {{ item.text }}",
         schema: type[BaseModel] | None = None,
-        replayed: dict[str, Any] | None = None,
-        journal: BatchJournal | None = None,
         max_tokens: int | None = 20,
+        try_number: int = 1,
+        budget_block_size: int = 16,
+        max_retries: int = 0,
+        requests_per_minute: float | None = None,
+        tokens_per_minute: float | None = None,
+        before_each: Callable[[int], None] | None = None,
         **settings: Any,
     ) -> BatchRun:
-        model = "fake-model"
-        decision = self.governor.engine().authorize_model(SUBJECT, "llm", model)
-        assert decision.allowed
-        prompt = BatchPrompt(template)
-        call = CallSettings(model=model, max_tokens=max_tokens, output_schema=schema, max_repair_attempts=1)
-
-        async def go() -> BatchRun:
-            client = openai.AsyncOpenAI(base_url=self.server.base_url, api_key="k", max_retries=0, timeout=5)
-            writer = JournalWriter(journal, self.governor.audit) if journal is not None else None
-            runner = BatchRunner(
-                governor=self.governor,
-                subject=SUBJECT,
-                client=client,
-                connection_id="llm",
-                decision=decision,
-                call=call,
-                prompt=prompt,
-                prices=PRICES,
-                audit=AuditBuffer(self.governor.audit),
-                journal=writer,
-                replayed=replayed or {},
-                settings=BatchSettings(**settings),
-                on_progress=self.progress.append,
-            )
-            try:
-                return await runner.run(make_items(rows, key_field="id"))
-            finally:
-                await client.close()
-                if writer is not None:
-                    writer.close()
-
-        return asyncio.run(go())
+        connection = LLMConnectionSettings(
+            base_url=self.server.base_url, api_key="k", max_retries=max_retries
+        )
+        transport = ModelTransport(
+            connection,
+            connection_id="llm",
+            requests_per_minute=requests_per_minute,
+            tokens_per_minute=tokens_per_minute,
+        )
+        subject = SUBJECT.model_copy(update={"try_number": try_number})
+        client = GovernedClient(
+            self.governor,
+            transport,
+            subject,
+            connection_id="llm",
+            prices=PRICES,
+            budget_block_size=budget_block_size,
+        )
+        self.last_client = client
+        call = CallSettings(
+            model="fake-model", max_tokens=max_tokens, output_schema=schema, max_repair_attempts=1
+        )
+        runner = BatchRunner(
+            client, call, BatchPrompt(template), BatchSettings(**settings), on_progress=self.progress.append
+        )
+        with client:
+            return client.run(runner.run(make_items(rows, key_field="id")))
 
     def audit(self, action: str = "model.call") -> list[StoredAuditRecord]:
         return self.governor.audit.query(action=action, order="asc", limit=None)
 
-    def journal(self) -> BatchJournal:
-        prefix = journal_prefix(SUBJECT, prompt_version="v", model="fake-model", parameters={})
-        return BatchJournal(self.governor.audit.engine, prefix)
+    def item(self, key: str) -> str:
+        assert self.last_client is not None
+        return self.last_client.item_digest(key)
 
 
 @pytest.fixture(scope="module")
@@ -139,8 +135,7 @@ def harness(tmp_path: Path, server: FakeOpenAIServer) -> Iterator[Callable[..., 
     engines = []
 
     def build(policy_text: str | None = None, default: ScriptedReply | None = None) -> Harness:
-        url = f"sqlite:///{tmp_path / 'governance.db'}"
-        engine = create_store_engine(url)
+        engine = create_store_engine(f"sqlite:///{tmp_path / 'governance.db'}")
         engines.append(engine)
         governor = Governor(
             policy=PolicyProvider(text=policy_text or policy()),
@@ -152,7 +147,7 @@ def harness(tmp_path: Path, server: FakeOpenAIServer) -> Iterator[Callable[..., 
         server.requests.clear()
         server.paths.clear()
         server.default = default or ScriptedReply(content="ok")
-        return Harness(server, governor, url, [])
+        return Harness(server, governor, [])
 
     yield build
     for engine in engines:
@@ -172,13 +167,15 @@ def test_every_item_gets_a_result_in_input_order_and_an_audit_record(harness):
     first = run.outcomes[0].to_json()
     assert (first["key"], first["position"], first["status"], first["content"]) == ("t0", 0, "ok", "positive")
     assert first["usage"] == {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}
+    assert first["governance"]["rule"] == "batch-rule"
     sent = sorted(r["messages"][-1]["content"] for r in h.server.chat_requests)
     assert sent == sorted(f"Classify: ticket number {i}" for i in range(40))
     assert {r["max_tokens"] for r in h.server.chat_requests} == {20}
 
     calls = h.audit()
     assert len(calls) == 40
-    assert sorted(r.extra["item"] for r in calls) == sorted(f"t{i}" for i in range(40))
+    # The audit trail carries a digest of each item's key, never the key itself.
+    assert sorted(r.extra["item"] for r in calls) == sorted(h.item(f"t{i}") for i in range(40))
     assert {(r.outcome, r.decision, r.rule, r.model, r.resource) for r in calls} == {
         ("ok", "allow", "batch-rule", "fake-model", "llm/fake-model")
     }
@@ -210,7 +207,7 @@ def test_structured_output_is_validated_and_repaired_per_item(harness):
     assert repair[-2] == {"role": "assistant", "content": '{"label": 3'}
     assert repair[-1]["role"] == "user"
     assert "response_format" in h.server.chat_requests[0]
-    assert [r.extra["attempts"] for r in h.audit()] == [2, 1]
+    assert len(h.audit()) == 3  # every paid request is audited, the repair included
 
 
 def test_failures_are_per_item_with_reasons_and_the_batch_goes_on(harness):
@@ -218,31 +215,29 @@ def test_failures_are_per_item_with_reasons_and_the_batch_goes_on(harness):
     h.server.script(
         ScriptedReply(status=400, content="context length exceeded"),  # t0: permanent
         ScriptedReply(status=429, headers={"retry-after-ms": "1"}),  # t1: transient twice ...
-        ScriptedReply(status=429, headers={"retry-after-ms": "1"}),  # ... and out of attempts
+        ScriptedReply(status=429, headers={"retry-after-ms": "1"}),  # ... and out of retries
         ScriptedReply(raw_body=b"<html>bad gateway</html>", headers={"Content-Type": "text/html"}),  # t2
         "positive",  # t2's retry succeeds
-        '{"label": 1}',  # t3: never valid, repair allowed once
-        '{"label": 2}',
     )
     data = [*rows(4), {"id": "t4", "body": "no text field"}, {"id": "t5", "text": "fine"}]
-    run = h.run(data, schema=None, concurrency=1, max_attempts=2)
+    run = h.run(data, schema=None, concurrency=1, max_retries=1)
 
     by_key = {o.key: o for o in run.outcomes}
     assert by_key["t0"].status == "failed"
-    assert "BadRequestError" in by_key["t0"].error and "400" in by_key["t0"].error
-    assert by_key["t0"].http_attempts == 1  # not retried
+    assert "EndpointRejected" in by_key["t0"].error and "400" in by_key["t0"].error
     assert by_key["t1"].status == "failed" and "RateLimitError" in by_key["t1"].error
-    assert by_key["t1"].http_attempts == 2
-    assert by_key["t2"].status == "ok" and by_key["t2"].http_attempts == 2  # the malformed body was retried
-    assert by_key["t3"].status == "ok"  # no schema here: any text is a result
+    assert by_key["t2"].status == "ok"  # the malformed body was retried
+    assert by_key["t3"].status == "ok"
     assert by_key["t4"].status == "failed" and "prompt template failed" in by_key["t4"].error
     assert by_key["t5"].status == "ok"
     assert {f.key for f in run.failures} == {"t0", "t1", "t4"}
     assert run.http_retries == 2
     assert (run.progress.ok, run.progress.failed) == (3, 3)
-    errors = {r.extra["item"]: r for r in h.audit() if r.outcome == "error"}
-    assert set(errors) == {"t0", "t1"}  # t4 never reached the model: nothing to audit as a call
-    assert "BadRequestError" in errors["t0"].error
+    calls = {r.extra["item"]: r for r in h.audit()}
+    assert calls[h.item("t0")].extra["http_attempts"] == 1  # not retried
+    assert calls[h.item("t2")].extra["http_attempts"] == 2
+    errors = {r.extra["item"] for r in h.audit() if r.outcome == "error"}
+    assert errors == {h.item("t0"), h.item("t1")}  # t4 never reached the model: nothing to audit as a call
 
 
 def test_a_reply_that_never_fits_the_schema_fails_the_item_and_is_charged(harness):
@@ -250,8 +245,7 @@ def test_a_reply_that_never_fits_the_schema_fails_the_item_and_is_charged(harnes
     run = h.run(rows(1), schema=Label, concurrency=1)
     (outcome,) = run.outcomes
     assert outcome.status == "failed" and "did not match output_schema Label" in outcome.error
-    (record,) = h.audit()
-    assert (record.outcome, record.prompt_tokens, record.completion_tokens) == ("error", 20, 8)
+    assert [(r.outcome, r.prompt_tokens, r.completion_tokens) for r in h.audit()] == [("ok", 10, 4)] * 2
     (budget,) = h.governor.ledger.status()
     assert (budget.spent_tokens, budget.reserved_tokens) == (28, 0)  # both paid attempts settled
 
@@ -264,8 +258,8 @@ def test_prompts_and_outputs_are_redacted_and_content_audited_only_redacted(harn
     assert EMAIL not in json.dumps(sent) and "[REDACTED:EMAIL]" in sent["messages"][-1]["content"]
     (outcome,) = run.outcomes
     assert CARD not in outcome.result["content"] and "[REDACTED:PAYMENT_CARD]" in outcome.result["content"]
+    assert outcome.result["governance"]["redactions"] == 2
     (record,) = h.audit()
-    assert record.extra["redactions"] == 2
     assert record.content is not None and "[REDACTED:EMAIL]" in record.content
     assert EMAIL not in record.content and CARD not in record.content
 
@@ -285,34 +279,16 @@ def test_failure_reasons_are_redacted(harness):
     assert EMAIL not in (h.audit()[0].error or "")
 
 
-def test_replayed_items_are_not_called_again(harness):
-    h = harness(default=ScriptedReply(content="fresh"))
-    earlier = {"t1": {"content": "from try 1"}, "t3": {"content": "from try 1"}}
-    run = h.run(rows(5), replayed=earlier, concurrency=2)
-
-    assert [o.status for o in run.outcomes] == ["ok", "replayed", "ok", "replayed", "ok"]
-    assert run.outcomes[1].result == {"content": "from try 1"}
-    sent = sorted(r["messages"][-1]["content"] for r in h.server.chat_requests)
-    assert sent == ["Classify: ticket number 0", "Classify: ticket number 2", "Classify: ticket number 4"]
-    assert (run.progress.replayed, run.progress.ok) == (2, 3)
-    (replay,) = h.audit("batch.replay")
-    assert replay.extra == {"replayed": 2}
-
-
-def test_completed_items_are_journaled_and_replayed_by_a_second_run(harness):
+def test_completed_items_are_replayed_by_the_next_try_and_failed_ones_run_again(harness):
     h = harness(default=ScriptedReply(content="positive"))
-    h.server.script(ScriptedReply(status=400))  # one item fails: it is not journaled, so it runs again
-    journal = h.journal()
-    first = h.run(rows(6), journal=journal, concurrency=1)
+    h.server.script(
+        ScriptedReply(status=400)
+    )  # one item fails: it is not journaled as done, so it runs again
+    first = h.run(rows(6), concurrency=1)
     assert [o.status for o in first.outcomes].count("failed") == 1
-    done = journal.completed([f"t{i}" for i in range(6)])
-    assert set(done) == {o.key for o in first.outcomes if o.status == "ok"}
-    assert done["t1"] == first.outcomes[1].result
-    audited = [(r.extra["item"], r.outcome) for r in h.audit()]  # through the writer, ok and failed alike
-    assert sorted(audited) == sorted((o.key, "ok" if o.status == "ok" else "error") for o in first.outcomes)
 
     calls_before = len(h.server.chat_requests)
-    second = h.run(rows(6), journal=journal, replayed=done)
+    second = h.run(rows(6), try_number=2, concurrency=3)
     assert len(h.server.chat_requests) - calls_before == 1
     assert [o.status for o in second.outcomes] == [
         "ok",
@@ -322,6 +298,19 @@ def test_completed_items_are_journaled_and_replayed_by_a_second_run(harness):
         "replayed",
         "replayed",
     ]
+    assert second.outcomes[1].result["content"] == first.outcomes[1].result["content"]
+    assert len(h.audit("model.replay")) == 5
+    assert (second.progress.replayed, second.progress.ok) == (5, 1)
+
+
+def test_a_batch_whose_items_never_validate_pays_no_request_twice_when_retried(harness):
+    h = harness(default=ScriptedReply(content="never json"))
+    for try_number in (1, 2):
+        run = h.run(rows(5), schema=Label, try_number=try_number, concurrency=2)
+        assert {o.status for o in run.outcomes} == {"failed"}
+    bodies = [json.dumps(r, sort_keys=True) for r in h.server.chat_requests]
+    assert len(bodies) == 5 * 2 * 2  # two paid attempts per item and try
+    assert len(set(bodies)) == len(bodies)  # none of them sent twice
 
 
 def test_ledger_after_a_run_equals_the_sum_of_item_usage(harness):
@@ -333,7 +322,7 @@ def test_ledger_after_a_run_equals_the_sum_of_item_usage(harness):
     used = sum(o.result["usage"]["total_tokens"] for o in run.outcomes)
     assert budget.spent_tokens == used == run.progress.tokens
     assert budget.reserved_tokens == 0
-    assert run.budget_reservations == 7  # ceil(50 / 8) blocks, not 50 reservations
+    assert run.budget_reservations <= 10  # blocks of 8, not 50 reservations
 
 
 def test_a_budget_that_runs_out_stops_the_rest_as_not_run(harness):
@@ -346,12 +335,36 @@ def test_a_budget_that_runs_out_stops_the_rest_as_not_run(harness):
     statuses = [o.status for o in run.outcomes]
     assert "ok" in statuses and "not_run" in statuses
     assert statuses == sorted(statuses, key=lambda s: s != "ok")  # with one worker: ok first, then stopped
-    assert run.stopped_by_budget is not None and "batch-run" in run.stopped_by_budget
-    assert all("budget exhausted" in o.error for o in run.outcomes if o.status == "not_run")
+    assert run.stopped_by_budget and run.stopped is not None and "batch-run" in run.stopped
+    assert all("Budget exhausted" in o.error for o in run.outcomes if o.status == "not_run")
     assert len(h.server.chat_requests) == statuses.count("ok")
     (budget,) = h.governor.ledger.status()
     assert budget.spent_tokens == 10 * statuses.count("ok") <= 150
     assert len(h.audit("budget.deny")) == 1
+
+
+def test_a_policy_broken_mid_batch_stops_it_within_one_in_flight_window(harness):
+    h = harness()
+    served = 0
+    original = h.server._next_reply
+
+    def break_the_policy_after_ten() -> ScriptedReply:
+        nonlocal served
+        served += 1
+        if served == 10:
+            h.governor.policy = FixedPolicy(engine_from_text("version: 1\nrules: [\n"))  # no longer loads
+        return original()
+
+    h.server._next_reply = break_the_policy_after_ten  # type: ignore[method-assign]
+    concurrency = 4
+    run = h.run(rows(300), concurrency=concurrency)
+    assert len(h.server.chat_requests) <= 10 + concurrency
+    statuses = [o.status for o in run.outcomes]
+    assert statuses.count("not_run") >= 300 - 10 - concurrency
+    assert run.stopped is not None and "failed to load" in run.stopped
+    assert all("failed to load" in o.error for o in run.outcomes if o.status == "not_run")
+    denials = h.governor.audit.query(decision="deny", limit=None)
+    assert 1 <= len(denials) <= concurrency
 
 
 def test_a_token_rate_limit_below_one_items_estimate_does_not_wedge_the_batch(harness):

@@ -131,9 +131,10 @@ def test_an_older_journal_table_gets_the_new_columns(tmp_path):
     with engine.begin() as connection:  # the table as version 0.1 created it
         connection.execute(
             text(
-                "CREATE TABLE governed_ai_journal (scope VARCHAR(64) NOT NULL, key_sha256 VARCHAR(64) NOT NULL,"
-                " key TEXT NOT NULL, state VARCHAR(16) NOT NULL, claim VARCHAR(32) NOT NULL, attempts INTEGER"
-                " NOT NULL, result TEXT, error TEXT, created_at DATETIME NOT NULL, updated_at DATETIME NOT NULL,"
+                "CREATE TABLE governed_ai_journal (scope VARCHAR(64) NOT NULL,"
+                " key_sha256 VARCHAR(64) NOT NULL, key TEXT NOT NULL, state VARCHAR(16) NOT NULL,"
+                " claim VARCHAR(32) NOT NULL, attempts INTEGER NOT NULL, result TEXT, error TEXT,"
+                " created_at DATETIME NOT NULL, updated_at DATETIME NOT NULL,"
                 " PRIMARY KEY (scope, key_sha256))"
             )
         )

@@ -29,6 +29,7 @@ from governed_ai.core.tools import (
     tool,
 )
 from governed_ai.core.tools.native import NativeToolChat
+from governed_ai.core.transport import Completion
 
 
 class OrderId(BaseModel):
@@ -349,8 +350,6 @@ def test_native_require_tool_call_sends_tool_choice_required():
 
 
 def test_native_tool_chat_reads_tool_calls_from_a_completion():
-    from types import SimpleNamespace as NS
-
     request = ToolChatRequest(
         messages=[{"role": "user", "content": "hi"}], model="m", tools=[lookup_order.openai_spec()]
     )
@@ -361,15 +360,33 @@ def test_native_tool_chat_reads_tool_calls_from_a_completion():
         and kwargs["tools"] == [lookup_order.openai_spec()]
         and kwargs["tool_choice"] == "auto"
     )
-    function = NS(name="lookup_order", arguments='{"order_id": "AB123456"}')
-    broken = NS(name="search_kb", arguments="{not json")
-    message = NS(content=None, tool_calls=[NS(id="c1", function=function), NS(id="c2", function=broken)])
-    completion = NS(
-        choices=[NS(message=message, finish_reason="tool_calls")],
-        usage=NS(prompt_tokens=3, completion_tokens=4),
-        model="m",
-    )
-    chat.feed(completion, 0.5)
+    body = {
+        "model": "m",
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "tool_calls",
+                "message": {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": "c1",
+                            "type": "function",
+                            "function": {"name": "lookup_order", "arguments": '{"order_id": "AB123456"}'},
+                        },
+                        {
+                            "id": "c2",
+                            "type": "function",
+                            "function": {"name": "search_kb", "arguments": "{not json"},
+                        },
+                    ],
+                },
+            }
+        ],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 4},
+    }
+    chat.feed(Completion.from_body(json.dumps(body).encode(), "m"), 0.5)
     assert chat.next_request() is None
     result = chat.result()
     assert result.output == {

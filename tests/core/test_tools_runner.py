@@ -17,7 +17,7 @@ from sqlalchemy import Engine
 
 from governed_ai.core.audit import AuditStore, StoredAuditRecord
 from governed_ai.core.governor import GovernanceDenied, Governor
-from governed_ai.core.journal import JournalState, ReplayJournal, key_digest
+from governed_ai.core.journal import JournalState, ReplayJournal, sha256_digest
 from governed_ai.core.ledger import BudgetLedger
 from governed_ai.core.policy import PolicyProvider
 from governed_ai.core.sqlstore import create_store_engine
@@ -151,7 +151,7 @@ def test_allowed_read_only_call_runs_redacts_its_result_and_is_audited(make):
     )
     assert call.rule == "unit-tools"
     key = idempotency_key(SUBJECT, step="3", tool="lookup_order", arguments={"order_id": "AB123456"})
-    assert call.extra["idempotency_key_sha256"] == key_digest(key) == done.idempotency_key_sha256
+    assert call.extra["idempotency_key_sha256"] == sha256_digest(key) == done.idempotency_key_sha256
     assert call.extra["step"] == "3"
     assert call.extra["side_effects"] is False
     assert call.latency_ms == call.extra["duration_ms"] >= 0
@@ -246,7 +246,7 @@ def test_a_call_that_started_but_never_finished_is_in_doubt_and_not_repeated(mak
     setup.journal.begin(key)  # what a worker that died inside the tool leaves behind
     with pytest.raises(ToolCallInDoubt, match="may or may not have taken effect") as caught:
         setup.runner().call("issue_refund", args, step="1")
-    assert key_digest(key) in str(caught.value)
+    assert sha256_digest(key) in str(caught.value)
     assert setup.tools.calls == {}
     (record,) = setup.records("tool.call")
     assert record.outcome == "in_doubt"

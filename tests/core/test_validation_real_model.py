@@ -7,6 +7,7 @@ from typing import Literal
 import pytest
 from pydantic import BaseModel, Field
 
+from governed_ai.core.chat import ChatRequest
 from governed_ai.core.redaction import Redactor
 from governed_ai.core.validation import (
     ValidationSuite,
@@ -25,28 +26,36 @@ REVIEWS = [
 ]
 
 
+POLICY = """
+version: 1
+rules:
+  - name: real-model
+    match: {dag_id: "*"}
+    models: [{connection: governed_ai_llm_default, model: smollm2}]
+"""
+
+
 class Review(BaseModel):
     sentiment: Literal["negative", "positive"]
     reason: str = Field(max_length=80)
 
 
 @pytest.mark.real_model
-def test_local_model_outputs_are_validated_by_the_gate(local_model_connection):
-    from governed_ai.hooks.llm import LLMHook
-
-    hook = LLMHook()
+def test_local_model_outputs_are_validated_by_the_gate(local_model_connection, client_for_connection):
+    client = client_for_connection(POLICY)
     rows = []
     for review_id, text in REVIEWS:
-        request = hook.build_request(
-            [
+        request = ChatRequest(
+            messages=[
                 {"role": "system", "content": "Is this review positive or negative? Give a short reason."},
                 {"role": "user", "content": text},
             ],
+            model="",
             output_schema=Review,
             temperature=0.0,
             max_tokens=64,
         )
-        result = hook.chat(request)
+        result = client.chat(request).result
         rows.append({"review_id": review_id, "raw": result.content, **(result.output or {})})
 
     suite = ValidationSuite(

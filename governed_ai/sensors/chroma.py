@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseSensorOperator
 from airflow.sdk.exceptions import AirflowFailException
 
-from governed_ai.core.governor import GovernanceDenied
+from governed_ai.core.errors import GovernanceDenied
 from governed_ai.core.retrieval.chroma_store import EmbeddingModelMismatch
 from governed_ai.core.retrieval.governed import GovernedRetrieval
 from governed_ai.hooks.chroma import ChromaHook

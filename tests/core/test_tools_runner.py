@@ -16,7 +16,8 @@ from pydantic import BaseModel, Field
 from sqlalchemy import Engine
 
 from governed_ai.core.audit import AuditStore, StoredAuditRecord
-from governed_ai.core.governor import GovernanceDenied, Governor
+from governed_ai.core.errors import GovernanceDenied
+from governed_ai.core.governor import Governor
 from governed_ai.core.journal import JournalState, ReplayJournal, sha256_digest
 from governed_ai.core.ledger import BudgetLedger
 from governed_ai.core.policy import PolicyProvider

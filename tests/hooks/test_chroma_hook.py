@@ -9,7 +9,7 @@ import pytest
 
 from governed_ai.core.llm_settings import ConnectionConfigError
 from governed_ai.core.retrieval import SourceDocument, chunk_records
-from governed_ai.core.retrieval.embeddings import OfflineMiniLMEmbedding, OpenAICompatibleEmbedding
+from governed_ai.core.retrieval.embeddings import GovernedEmbedder, OfflineMiniLMEmbedding
 from governed_ai.core.retrieval.settings import ChromaSettings
 from governed_ai.hooks.chroma import ChromaHook, default_chroma_path
 from tests.chroma_server import ChromaServer, start_chroma_server
@@ -33,7 +33,7 @@ def test_without_a_connection_chroma_is_embedded_under_airflow_home(monkeypatch)
     monkeypatch.delenv(ENV, raising=False)
     hook = ChromaHook()
     assert hook.settings.embedded
-    assert isinstance(hook.embedding_function, OfflineMiniLMEmbedding)
+    assert isinstance(hook.offline_embedder(), OfflineMiniLMEmbedding)
     assert default_chroma_path().is_relative_to(Path(__import__("os").environ["AIRFLOW_HOME"]))
     ok, message = hook.test_connection()
     assert ok and "embedded" in message
@@ -42,7 +42,9 @@ def test_without_a_connection_chroma_is_embedded_under_airflow_home(monkeypatch)
 def test_embedded_path_from_the_connection(monkeypatch, tmp_path):
     set_conn(monkeypatch, extra={"path": str(tmp_path / "kb")})
     hook = ChromaHook()
-    hook.store.upsert("kb_hook", chunk_records([SourceDocument("hello world", "a")], ingested_at=1))
+    hook.store(hook.offline_embedder()).upsert(
+        "kb_hook", chunk_records([SourceDocument("hello world", "a")], ingested_at=1)
+    )
     assert (tmp_path / "kb" / "chroma.sqlite3").exists()
     assert ChromaHook().get_conn() is hook.get_conn()  # one client per directory and process
 
@@ -51,7 +53,7 @@ def test_server_connection_talks_to_chroma_run(monkeypatch, server):
     set_conn(monkeypatch, host=server.host, port=server.port)
     hook = ChromaHook()
     assert not hook.settings.embedded
-    hook.store.upsert(
+    hook.store(hook.offline_embedder()).upsert(
         "kb_server_hook", chunk_records([SourceDocument("refunds take 14 days", "r")], ingested_at=1)
     )
     ok, message = hook.test_connection()
@@ -87,7 +89,16 @@ def test_misconfigured_connection_names_the_field(monkeypatch):
         ChromaHook().settings  # noqa: B018
 
 
-def test_openai_embeddings_use_the_llm_connection(monkeypatch, tmp_path):
+EMBED_POLICY = """
+version: 1
+rules:
+  - name: embed
+    match: {dag_id: "*"}
+    models: [{connection: embedder, model: fake-embed}]
+"""
+
+
+def test_openai_embeddings_go_through_the_governed_client(monkeypatch, tmp_path, client_for_connection):
     with FakeOpenAIServer() as llm:
         monkeypatch.setenv("AIRFLOW_CONN_EMBEDDER", llm.connection_json())
         set_conn(
@@ -100,9 +111,13 @@ def test_openai_embeddings_use_the_llm_connection(monkeypatch, tmp_path):
             },
         )
         hook = ChromaHook()
-        assert isinstance(hook.embedding_function, OpenAICompatibleEmbedding)
-        hook.store.upsert("kb_remote", chunk_records([SourceDocument("x y z", "s")], ingested_at=1))
+        assert (hook.settings.embedding, hook.settings.embedding_conn_id) == ("openai", "embedder")
+        client = client_for_connection(EMBED_POLICY, conn_id="embedder")
+        store = hook.store(GovernedEmbedder(client, str(hook.settings.embedding_model)))
+        store.upsert("kb_remote", chunk_records([SourceDocument("x y z", "s")], ingested_at=1))
         assert "/v1/embeddings" in llm.paths
-        assert hook.store.client.get_collection("kb_remote").metadata["governed_ai_embedding_model"] == (
+        assert store.client.get_collection("kb_remote").metadata["governed_ai_embedding_model"] == (
             "openai:fake-embed"
         )
+        (call,) = client.governor.audit.query(action="embedding.call")
+        assert (call.decision, call.rule, call.model) == ("allow", "embed", "fake-embed")

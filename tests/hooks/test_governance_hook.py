@@ -11,13 +11,13 @@ import json
 import pytest
 
 from governed_ai.core.audit import AuditStore
-from governed_ai.core.chat import ChatRequest, ChatResult
-from governed_ai.core.governor import GovernanceDenied
-from governed_ai.core.pricing import PriceTable
+from governed_ai.core.chat import ChatRequest
+from governed_ai.core.errors import GovernanceDenied
 from governed_ai.core.sqlstore import create_store_engine
 from governed_ai.core.subject import Subject
 from governed_ai.hooks.governance import GovernanceHook
 from tests.conftest import FakeDag, FakeTask, FakeTaskInstance, fake_context
+from tests.fakes.openai_server import FakeOpenAIServer
 
 CONN_ENV = "AIRFLOW_CONN_GOVERNED_AI_GOVERNANCE_DEFAULT"
 LLM_CONN = "governed_ai_llm_default"
@@ -112,22 +112,12 @@ def test_no_policy_denies_everything_and_says_how_to_configure_it(monkeypatch, t
     ok, message = hook.test_connection()
     assert not ok and "No governance policy is configured" in message
 
-    calls: list[ChatRequest] = []
-
-    def fake_call(request: ChatRequest) -> ChatResult:
-        calls.append(request)
-        raise AssertionError("a denied call must never reach the model")
-
-    with pytest.raises(GovernanceDenied, match="policy_path"):
-        hook.get_conn().chat(
-            SUBJECT,
-            connection_id=LLM_CONN,
-            requested_model="smollm2",
-            request=ChatRequest(messages=[{"role": "user", "content": "hi"}], model="smollm2"),
-            call=fake_call,
-            prices=PriceTable(),
-        )
-    assert calls == []
+    with FakeOpenAIServer(models=("smollm2",)) as server:
+        monkeypatch.setenv("AIRFLOW_CONN_GOVERNED_AI_LLM_DEFAULT", server.connection_json())
+        context = fake_context(SUBJECT.dag_id, SUBJECT.task_id)
+        with pytest.raises(GovernanceDenied, match="policy_path"), hook.governed_client(context) as client:
+            client.chat(ChatRequest(messages=[{"role": "user", "content": "hi"}], model="smollm2"))
+        assert server.chat_requests == []  # a denied call never reaches the model
     (denial,) = AuditStore(create_store_engine(store_url)).query(action="model.authorize")
     assert denial.decision == "deny"
 

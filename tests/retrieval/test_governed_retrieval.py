@@ -14,10 +14,11 @@ import pytest
 from sqlalchemy import Engine
 
 from governed_ai.core.audit import AuditStore
-from governed_ai.core.governor import GovernanceDenied, Governor
+from governed_ai.core.errors import GovernanceDenied
+from governed_ai.core.governor import Governor
 from governed_ai.core.ledger import BudgetLedger
 from governed_ai.core.policy import PolicyProvider
-from governed_ai.core.retrieval import SourceDocument
+from governed_ai.core.retrieval import SourceDocument, chunk_records
 from governed_ai.core.retrieval.governed import GovernedRetrieval, PurgeRequest
 from governed_ai.core.sqlstore import create_store_engine
 from governed_ai.core.subject import Subject
@@ -116,9 +117,15 @@ def test_query_results_are_traceable_in_the_audit_trail(retrieval, audit, collec
     assert audit.verify().ok
 
 
-def test_retrieved_text_is_redacted_before_anyone_sees_it(retrieval, collection_name):
+def test_retrieved_text_is_redacted_before_anyone_sees_it(retrieval, store, collection_name):
     # Stored without redaction (e.g. written before the policy existed): the read side still redacts.
-    retrieval.ingest(WRITER, collection_name, DOCS, redact=False)
+    store.upsert(
+        collection_name,
+        chunk_records(
+            [SourceDocument(d.text, d.source, d.metadata) for d in DOCS],
+            ingested_at=1,
+        ),
+    )
     (result,) = retrieval.query(READER, collection_name, ["internal ticket escalation subject"], n_results=3)
     payload = json.dumps(result.to_xcom())
     assert TICKET not in payload and EMAIL not in payload

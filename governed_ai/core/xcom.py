@@ -5,7 +5,7 @@ Every AI operator's XCom value carries the same core: ``model``, ``usage`` (``pr
 ``prompt_version``, ``redactions``, ``fallbacks_tried``), next to what is specific to the operator (the
 reply, the agent's answer, a batch's rows or manifest). Results too many for XCom go to a JSON Lines file and
 XCom carries a manifest: ``{"manifest": "governed_ai.rows/v1", "results_path", "failures_path", "rows",
-"failures"}``, which the quality gate reads from local paths and object storage alike.
+"failed_rows"}``, which the quality gate reads from local paths and object storage alike.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def ai_xcom(
 
 
 def rows_manifest(
-    results_path: str, failures_path: str | None, *, rows: int, failures: int = 0
+    results_path: str, failures_path: str | None, *, rows: int, failed_rows: int = 0
 ) -> dict[str, Any]:
     """What XCom carries instead of rows written to a file (local path or object-storage URI)."""
     return {
@@ -69,7 +69,7 @@ def rows_manifest(
         "results_path": results_path,
         "failures_path": failures_path,
         "rows": int(rows),
-        "failures": int(failures),
+        "failed_rows": int(failed_rows),
     }
 
 

@@ -334,7 +334,7 @@ class LLMBatchOperator(BaseOperator):
             remote_failures.write_text("".join(json.dumps(row) + "\n" for row in failures))
             self.log.info("Wrote %d results to %s and %d failures", len(rows), remote, len(failures))
             return {**base, **rows_manifest(str(remote), str(remote_failures), rows=len(rows),
-                                            failures=len(failures))}  # fmt: skip
+                                            failed_rows=len(failures))}  # fmt: skip
         path = Path(self.output_path) if self.output_path else self._default_output(context)
         path.parent.mkdir(parents=True, exist_ok=True)
         failures_path = path.with_name(path.stem + ".failures.jsonl")
@@ -349,7 +349,7 @@ class LLMBatchOperator(BaseOperator):
         )
         return {
             **base,
-            **rows_manifest(str(path), str(failures_path), rows=len(rows), failures=len(failures)),
+            **rows_manifest(str(path), str(failures_path), rows=len(rows), failed_rows=len(failures)),
         }
 
     def _default_output(self, context: Context) -> Path:
@@ -367,15 +367,16 @@ class LLMBatchOperator(BaseOperator):
                     "%d of %d items failed (within max_failure_rate %.2f)", bad, total, self.max_failure_rate
                 )
             return
-        examples = "; ".join(f"{o.key}: {o.error}" for o in run.failures[:3])
-        message = (
-            f"{self.task_id}: {bad} of {total} items failed or were not run ({bad / total:.1%} > "
-            f"max_failure_rate {self.max_failure_rate:.1%}). Examples: {examples}"
+        examples = "; ".join(f"{o.key}: {(o.error or '')[:300]}" for o in run.failures[:3])
+        rate = f"{bad} of {total} items failed or were not run ({bad / total:.1%} > max_failure_rate " + (
+            f"{self.max_failure_rate:.1%})"
         )
         if run.stopped:
-            raise AirflowFailException(f"{message}. The batch was stopped: {run.stopped}")
+            # A denial or an exhausted budget: a retry now would be refused the same way.
+            what = "stopped by budget" if run.stopped_by_budget else "denied by governance"
+            raise AirflowFailException(f"{self.task_id}: {what}: {run.stopped}. {rate}.")
         # Retryable: a retry replays the completed items from the journal and tries only the rest.
-        raise AirflowException(message)
+        raise AirflowException(f"{self.task_id}: {rate}. Examples: {examples}")
 
 
 def _model_used(run: BatchRun) -> str | None:

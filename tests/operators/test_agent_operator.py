@@ -168,14 +168,16 @@ def test_constrained_agent_looks_up_then_answers_under_governance(setup):
     assert "jane@example.com" not in json.dumps(second) and "[REDACTED:EMAIL]" in tool_message
 
     actions = [(r.action, r.resource, r.decision, r.outcome) for r in audit()]
+    # Every request is authorized against the current policy; an allow is recorded once per model and policy.
     assert actions == [
         ("model.authorize", "test_llm/fake-model", "allow", "ok"),
         ("model.call", "test_llm/fake-model", "allow", "ok"),
         ("tool.authorize", "lookup_order", "allow", "ok"),
         ("tool.call", "lookup_order", "allow", "ok"),
-        ("model.authorize", "test_llm/fake-model", "allow", "ok"),
         ("model.call", "test_llm/fake-model", "allow", "ok"),
     ]
+    assert xcom["model"] == "fake-model" and xcom["governance"]["rule"] is not None
+    assert xcom["usage"]["total_tokens"] == 30
 
 
 def test_answer_schema_in_constrained_mode(setup):
@@ -293,12 +295,16 @@ def test_a_retry_after_a_crash_replays_the_refund_instead_of_repeating_it(setup)
         op.execute(context=context(try_number=1))
     assert effects.lines() == ["issue_refund AB123456 20.0"]
 
-    # Try 2 of the same run: the model makes the same call at the same step; it is replayed.
-    server.script(refund, final("Refunded 20 EUR."))
+    # Try 2 of the same run: the model's first step is replayed from the journal (not paid again), so is
+    # the refund it chose; only the step that failed is asked again.
+    server.script(final("Refunded 20 EUR."))
+    requests_before = len(server.chat_requests)
     xcom = op.execute(context=context(try_number=2))
     assert xcom["final"] == "Refunded 20 EUR."
+    assert len(server.chat_requests) - requests_before == 1
     assert effects.lines() == ["issue_refund AB123456 20.0"]  # the money left once
     assert [s["outcome"] for s in xcom["transcript"] if s["kind"] == "tool"] == ["replayed"]
+    assert [r.try_number for r in audit("model.replay")] == [2]
     calls = audit("tool.call")
     assert [(r.try_number, r.outcome) for r in calls] == [(1, "ok"), (2, "replayed")]
     assert calls[0].extra["idempotency_key_sha256"] == calls[1].extra["idempotency_key_sha256"]

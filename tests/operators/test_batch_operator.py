@@ -158,7 +158,7 @@ def test_output_path_forces_a_file_and_failures_go_beside_it(fake, tmp_path):
     assert xcom["results_path"] == str(target)
     assert xcom["failures_path"] == str(tmp_path / "out" / "labels.failures.jsonl")
     (failure,) = read_jsonl(xcom["failures_path"])
-    assert failure["key"] == "T0" and failure["status"] == "failed" and "BadRequestError" in failure["error"]
+    assert failure["key"] == "T0" and failure["status"] == "failed" and "HTTP 400" in failure["error"]
     assert [r["status"] for r in read_jsonl(str(target))] == ["failed", "ok", "ok"]
     assert not list(target.parent.glob("*.tmp"))
 
@@ -196,7 +196,9 @@ def test_items_rendered_to_json_text_are_parsed(fake):
 
 def test_duplicate_keys_are_a_clear_error_before_any_call(fake):
     rows = [*tickets(3), {"id": "T1", "text": "again"}]
-    with pytest.raises(ValueError, match=r"classify: items 1 and 3 have the same 'id' value 'T1'"):
+    with pytest.raises(
+        AirflowFailException, match=r"classify: .*items 1 and 3 have the same 'id' value 'T1'"
+    ):
         batch(items=rows).execute(task_context())
     assert fake.chat_requests == []
 
@@ -206,11 +208,12 @@ def test_missing_input_file_and_bad_input_are_clear(fake, tmp_path):
         batch(input_path=str(tmp_path / "nope.jsonl")).execute(task_context())
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a", "text": "x"}\n{"id": \n')
-    with pytest.raises(ValueError, match=r"classify: .*bad.jsonl line 2 is not valid JSON"):
+    # Retrying cannot fix bad input: these fail the task without retries.
+    with pytest.raises(AirflowFailException, match=r"classify: .*bad.jsonl line 2 is not valid JSON"):
         batch(input_path=str(bad)).execute(task_context())
-    with pytest.raises(TypeError, match="'items' rendered to text that is not a JSON list"):
+    with pytest.raises(AirflowFailException, match="'items' rendered to text that is not a JSON list"):
         batch(items="not json").execute(task_context())
-    with pytest.raises(ValueError, match="the batch is empty"):
+    with pytest.raises(AirflowFailException, match="the batch is empty"):
         batch(items=[]).execute(task_context())
 
 
@@ -244,7 +247,7 @@ def test_too_many_failures_fail_the_task_retryably_and_a_retry_runs_only_those(f
     with pytest.raises(AirflowException, match=r"3 of 10 items failed.*max_failure_rate 20.0%") as raised:
         op.execute(task_context())
     assert not isinstance(raised.value, AirflowFailException)  # Airflow may retry it
-    assert "T0: BadRequestError" in str(raised.value)
+    assert "T0: EndpointRejected" in str(raised.value) and "HTTP 400" in str(raised.value)
     assert len(fake.chat_requests) == 10
 
     retry = op.execute(task_context(try_number=2))
@@ -256,14 +259,14 @@ def test_a_governance_denial_fails_without_retry_and_without_calls(fake):
     with pytest.raises(AirflowFailException, match="classify: denied by governance.*gpt-4o"):
         batch(items=tickets(3), model="gpt-4o").execute(task_context())
     assert fake.chat_requests == []
-    (denied,) = audit("model.authorize")
-    assert denied.decision == "deny"
+    denied = audit("model.authorize")  # one per item that was started before the batch stopped
+    assert 1 <= len(denied) <= 3 and {r.decision for r in denied} == {"deny"}
 
 
 def test_a_budget_stop_above_the_rate_fails_without_retry(fake, governance_policy):
     governance_policy(POLICY.replace("BUDGET", "120"))  # room for about three items' worst case
     fake.default = ScriptedReply(content="x", prompt_tokens=5, completion_tokens=5)
-    with pytest.raises(AirflowFailException, match=r"not run.*Stopped by budget: .*batch-run"):
+    with pytest.raises(AirflowFailException, match=r"classify: stopped by budget: .*batch-run.*not run"):
         batch(items=tickets(20), concurrency=1, budget_block_size=2).execute(task_context())
     assert 0 < len(fake.chat_requests) < 20
     (summary,) = audit("batch.summary")
@@ -281,12 +284,12 @@ def test_a_second_execute_of_the_same_task_instance_replays_everything(fake):
     assert len(fake.chat_requests) == calls == 6  # nothing paid for twice
     assert again["summary"]["replayed"] == 6 and again["summary"]["ok"] == 0
     assert [r["status"] for r in again["results"]] == ["replayed"] * 6
-    strip = ("status",)
+    strip = ("status", "replayed_attempts", "latency_ms")
     assert [{k: v for k, v in r.items() if k not in strip} for r in again["results"]] == [
         {k: v for k, v in r.items() if k not in strip} for r in first["results"]
     ]
-    (replay,) = audit("batch.replay")
-    assert replay.extra == {"replayed": 6} and replay.try_number == 2
+    replays = audit("model.replay")
+    assert len(replays) == 6 and {r.try_number for r in replays} == {2}
 
 
 def test_replay_is_per_run_and_per_prompt(fake):

@@ -60,11 +60,10 @@ def test_invalid_json_then_valid_json_is_repaired(fake):
     assert "did not match the required JSON schema" in repair["content"]
     assert "Invalid JSON" in repair["content"]
 
-    # Both attempts were paid for: the audit record and the budget ledger carry their sum.
+    # Both attempts were paid for: each has its audit record.
     governor = GovernanceHook().governor
-    [call] = governor.audit.query(dag_id="unit_dag", action="model.call")
-    assert call.extra["attempts"] == 2
-    assert (call.prompt_tokens, call.completion_tokens) == (65, 16)
+    calls = governor.audit.query(dag_id="unit_dag", action="model.call", order="asc")
+    assert [(c.prompt_tokens, c.completion_tokens) for c in calls] == [(20, 7), (45, 9)]
 
 
 def test_code_fenced_json_needs_no_repair(fake):

@@ -21,6 +21,7 @@ from governed_ai.core.validation import (
     refusal_rate_at_most,
     write_jsonl,
 )
+from governed_ai.core.xcom import is_rows_manifest
 from governed_ai.hooks.governance import GovernanceHook
 from governed_ai.operators.llm import LLMOperator
 from governed_ai.operators.quality import LLMOutputQualityOperator
@@ -239,7 +240,7 @@ def test_large_batches_travel_as_file_manifests(policy):
     )
     context = context_with_xcom()
     result = op.execute(context=context)  # type: ignore[arg-type]
-    assert set(result["passed"]) == {"path", "rows"} and result["passed"]["rows"] == 5
+    assert is_rows_manifest(result["passed"]) and result["passed"]["rows"] == 5
     assert load_rows(result["passed"]) == rows[:5]
     pushed = context["ti"].pushed["quarantined"]
     assert pushed["rows"] == 3

@@ -15,14 +15,12 @@ from sqlalchemy import text
 
 from governed_ai.cli import main
 from governed_ai.core.audit import AuditStore
-from governed_ai.core.chat import ChatRequest, ChatResult, Usage
-from governed_ai.core.errors import GovernanceDenied
 from governed_ai.core.governor import Governor
 from governed_ai.core.ledger import BudgetLedger
 from governed_ai.core.policy import PolicyProvider
-from governed_ai.core.pricing import PriceTable
 from governed_ai.core.sqlstore import create_store_engine
 from governed_ai.core.subject import Subject
+from tests.fakes.governed_calls import record_governed_call
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_POLICY = REPO / "example_dags" / "policies" / "governance_policy.yaml"
@@ -43,14 +41,6 @@ budgets:
 """
 
 
-def fake_call(request: ChatRequest) -> ChatResult:
-    """Stands in for the model endpoint: 30 prompt + 12 completion tokens per call."""
-    return ChatResult(
-        content="ok", model=request.model, usage=Usage(prompt_tokens=30, completion_tokens=12),
-        cost_usd=0.0, latency_ms=1.0, attempts=1,
-    )  # fmt: skip
-
-
 @pytest.fixture
 def store_url(tmp_path: Path) -> str:
     """A store with 2 allowed calls and 1 denied one, written through a Governor."""
@@ -61,17 +51,12 @@ def store_url(tmp_path: Path) -> str:
     )
     subject = Subject(dag_id="cli_dag", task_id="ask", run_id="run-1")
 
-    def chat(model: str) -> None:
-        request = ChatRequest(messages=[{"role": "user", "content": "hi"}], model=model, max_tokens=20)
-        governor.chat(
-            subject, connection_id="llm", requested_model=model, request=request, call=fake_call,
-            prices=PriceTable(),
-        )  # fmt: skip
+    def chat(model: str) -> str:  # 30 prompt + 12 completion tokens per call
+        return record_governed_call(governor, subject, model, prompt_tokens=30, completion_tokens=12)
 
-    chat("good-model")
-    with pytest.raises(GovernanceDenied):
-        chat("bad-model")
-    chat("good-model")
+    assert chat("good-model") == "ok"
+    assert chat("bad-model") == "denied"
+    assert chat("good-model") == "ok"
     engine.dispose()
     return url
 

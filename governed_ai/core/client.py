@@ -576,7 +576,7 @@ class GovernedClient:
 
     def item_digest(self, item_key: str) -> str:
         """What the audit trail shows of a batch item's key: a digest, never the key itself."""
-        return self.governor.digest(f"item|{self._instance}|{item_key}")[:16]
+        return item_digest(self.governor, self.subject, item_key)
 
     def _call_record(
         self,
@@ -668,6 +668,12 @@ class GovernedClient:
         # What the audit trail keeps is always redacted, even when the model or XCom saw raw text.
         redacted, _ = self.governor.redact_text(text, decision.redaction)
         return redacted
+
+
+def item_digest(governor: Governor, subject: Subject, item_key: str) -> str:
+    """What the audit trail shows of a batch item's key (16 hex of the deployment's keyed digest, scoped to
+    the task instance): enough to follow one item through the trail, useless for guessing the key."""
+    return governor.digest(f"item|{governor.instance_digest(subject)}|{item_key}")[:16]
 
 
 def _message_chars(messages: Sequence[Message]) -> int:

@@ -25,10 +25,11 @@ from governed_ai.core.audit_views import (
     RunSummary,
 )
 from governed_ai.core.governor import Governor
-from governed_ai.core.ledger import BudgetExceeded, BudgetKey, BudgetLedger
+from governed_ai.core.ledger import BudgetKey, BudgetLedger
 from governed_ai.core.policy import PolicyProvider
-from governed_ai.core.pricing import PriceTable, estimate_prompt_tokens
+from governed_ai.core.pricing import PriceTable
 from governed_ai.core.subject import Subject
+from tests.fakes.governed_calls import record_governed_call
 
 PRICES = PriceTable.from_mapping({"*": {"input_per_1m_tokens": 3.0, "output_per_1m_tokens": 15.0}})
 POLICY = """
@@ -68,53 +69,13 @@ def governor_for(engine: Engine) -> Governor:
 
 
 def call(governor: Governor, subject: Subject, model: str, fake: ScriptedModel, max_tokens: int = 20) -> None:
-    """Record what the governed client records for one call, through the real Governor, ledger and audit
-    APIs (authorize, reserve, settle, model.call), with a scripted latency instead of a clock."""
-    decision = governor.engine().authorize_model(subject, "llm", model)
-    if not decision.allowed:  # denials are part of the activity being summarised
-        governor.record(governor.denial_record(subject, decision, model=model))
-        return
-    governor.record(governor.allow_record(subject, decision, model=model))
-    estimate = estimate_prompt_tokens(len("hi")) + max_tokens
-    try:
-        reservation = governor.ledger.reserve(
-            governor.budget_keys(subject),
-            tokens=estimate,
-            cost_usd=PRICES.cost(model, estimate, 0),
-            holder=governor.holder(subject),
-            ttl_seconds=600,
-        )
-    except BudgetExceeded as exceeded:
-        governor.record(
-            AuditRecord.for_subject(
-                subject,
-                action="budget.deny",
-                resource=f"llm/{model}",
-                decision="deny",
-                rule=exceeded.budget,
-                model=model,
-                outcome="denied",
-                error=str(exceeded),
-            )
-        )
-        return
-    cost = PRICES.cost(model, fake.prompt_tokens, fake.completion_tokens)
-    governor.ledger.settle(reservation.id, tokens=fake.prompt_tokens + fake.completion_tokens, cost_usd=cost)
-    fake.calls += 1
-    governor.record(
-        AuditRecord.for_subject(
-            subject,
-            action="model.call",
-            resource=f"llm/{model}",
-            decision="allow",
-            rule=decision.rule,
-            model=model,
-            prompt_tokens=fake.prompt_tokens,
-            completion_tokens=fake.completion_tokens,
-            cost_usd=cost,
-            latency_ms=fake.latencies.pop(0),
-        )
-    )
+    """One governed call's records; the scripted latency is used only when the model is really called."""
+    outcome = record_governed_call(
+        governor, subject, model, latency_ms=fake.latencies[0], prompt_tokens=fake.prompt_tokens,
+        completion_tokens=fake.completion_tokens, max_tokens=max_tokens, prices=PRICES,
+    )  # fmt: skip
+    if outcome == "ok":
+        fake.latencies.pop(0)
 
 
 def fill_through_governor(engine: Engine) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import re
 import socket
 from datetime import UTC, datetime
 
@@ -55,6 +55,9 @@ class RecordingSink:
 
     def timing(self, stat, ms, *, tags=None):
         self.timers.append((stat, ms, tags or {}))
+
+
+STATSD_LINE = re.compile(r"[A-Za-z0-9_.\-]+:-?[0-9]+(\.[0-9]+)?\|(c|ms|g)(\|@[0-9.]+)?")
 
 
 def test_metrics_from_records():
@@ -173,4 +176,6 @@ def test_an_operator_call_reaches_statsd(statsd_listener, governance_policy, mon
     assert any(
         line.startswith("airflow.governed_ai.model.latency:") and line.endswith("|ms") for line in lines
     )
-    assert json.dumps(lines)  # every line is text: nothing binary or None leaked into a stat name
+    # Every line is a well-formed StatsD datagram: no None, object repr or binary leaked into a name or value.
+    malformed = [line for line in lines if not STATSD_LINE.fullmatch(line)]
+    assert malformed == []

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,14 +11,13 @@ import pytest
 from sqlalchemy import Engine
 
 from governed_ai.core.audit import AuditStore
-from governed_ai.core.chat import ChatRequest, ChatResult, Usage
-from governed_ai.core.errors import GovernanceDenied
 from governed_ai.core.governor import Governor
 from governed_ai.core.ledger import BudgetLedger
 from governed_ai.core.policy import PolicyProvider
 from governed_ai.core.pricing import PriceTable
 from governed_ai.core.sqlstore import create_store_engine
 from governed_ai.core.subject import Subject
+from tests.fakes.governed_calls import record_governed_call
 
 PRICES = PriceTable.from_mapping({"*": {"input_per_1m_tokens": 3.0, "output_per_1m_tokens": 15.0}})
 POLICY = """
@@ -72,18 +70,6 @@ class ScriptedModel:
     latencies: list[float]
     prompt_tokens: int = 40
     completion_tokens: int = 9
-    requests: list[ChatRequest] = field(default_factory=list)
-
-    def __call__(self, request: ChatRequest) -> ChatResult:
-        self.requests.append(request)
-        return ChatResult(
-            content="fine",
-            model=request.model,
-            usage=Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens),
-            cost_usd=PRICES.cost(request.model, self.prompt_tokens, self.completion_tokens),
-            latency_ms=self.latencies.pop(0),
-            attempts=1,
-        )
 
 
 @dataclass
@@ -97,11 +83,13 @@ class FilledStore:
 def governed_call(
     governor: Governor, subject: Subject, model: str, fake: ScriptedModel, max_tokens: int
 ) -> None:
-    request = ChatRequest(messages=[{"role": "user", "content": "hi"}], model=model, max_tokens=max_tokens)
-    with contextlib.suppress(GovernanceDenied):  # denials are part of the activity the API reports
-        governor.chat(
-            subject, connection_id="llm", requested_model=model, request=request, call=fake, prices=PRICES
-        )
+    """One call's records as the governed client writes them (denials are part of what the API reports)."""
+    outcome = record_governed_call(
+        governor, subject, model, latency_ms=fake.latencies[0], prompt_tokens=fake.prompt_tokens,
+        completion_tokens=fake.completion_tokens, max_tokens=max_tokens, prices=PRICES,
+    )  # fmt: skip
+    if outcome == "ok":
+        fake.latencies.pop(0)
 
 
 @pytest.fixture

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +15,7 @@ DAG_ID = "reliability_dag"
 TASK_ID = "classify"
 RUN_ID = "manual__reliability"
 TEMPLATE = "Classify the ticket [key={{ item.id }}]: {{ item.text }}"
+KEY_IN_REPLY = re.compile(r"\[key=([^\]]+)\]")
 
 
 @dataclass(frozen=True)
@@ -44,10 +47,31 @@ def task_context(*, try_number: int = 1) -> dict[str, Any]:
 
 
 def journaled_keys(engine: Engine) -> set[str]:
-    """Item keys of every completed batch item in the journal (the key's last ``|`` field)."""
+    """Item keys of every completed model request in the journal. The journal stores no item key (only
+    digests), so the key is read from the stored reply, in which the fault server echoes it."""
+    table = journal_table
     with engine.connect() as connection:
-        keys = connection.execute(select(journal_table.c.key).where(journal_table.c.scope == "batch"))
-        return {key.rsplit("|", 1)[1] for (key,) in keys}
+        results = connection.execute(
+            select(table.c.result).where(table.c.scope == "chat", table.c.state == "completed")
+        )
+        found = set()
+        for (result,) in results:
+            echoed = KEY_IN_REPLY.search(json.loads(result)["completion"]["content"] or "")
+            if echoed:
+                found.add(echoed.group(1))
+        return found
+
+
+def audited_items(records: list[Any], keys: set[str]) -> set[str]:
+    """Which of ``keys`` the audit ``records`` name (they carry item digests, never keys)."""
+    from governed_ai.core.client import item_digest
+    from governed_ai.core.subject import Subject
+    from governed_ai.hooks.governance import GovernanceHook
+
+    governor = GovernanceHook().governor
+    subject = Subject(dag_id=DAG_ID, task_id=TASK_ID, run_id=RUN_ID)
+    digests = {item_digest(governor, subject, key): key for key in keys}
+    return {digests[r.extra["item"]] for r in records if r.extra.get("item") in digests}
 
 
 def policy(model: str = "fake-model") -> str:

@@ -18,7 +18,16 @@ from sqlalchemy import create_engine
 from governed_ai.hooks.governance import GovernanceHook
 from governed_ai.operators.batch import LLMBatchOperator
 from tests.fakes.fault_server import FaultConfig, FaultyFakeOpenAIServer
-from tests.reliability.support import DAG_ID, TASK_ID, TEMPLATE, items, journaled_keys, policy, task_context
+from tests.reliability.support import (
+    DAG_ID,
+    TASK_ID,
+    TEMPLATE,
+    audited_items,
+    items,
+    journaled_keys,
+    policy,
+    task_context,
+)
 
 pytestmark = pytest.mark.reliability
 
@@ -129,7 +138,9 @@ def test_killed_mid_batch_then_retried_nothing_lost_repeats_bounded_by_concurren
     retried_calls = [r for r in calls if r.try_number == 2]
     assert len(retried_calls) == ITEMS - len(journaled_before)
     # Every call of the killed try whose result was journaled is in the audit trail too.
-    audited_before = {r.extra["item"] for r in calls if r.try_number == 1 and r.outcome == "ok"}
+    audited_before = audited_items(
+        [r for r in calls if r.try_number == 1 and r.outcome == "ok"], set(successes)
+    )
     assert journaled_before <= audited_before
     assert audit.verify().ok
     store.dispose()

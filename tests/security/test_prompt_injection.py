@@ -165,12 +165,18 @@ def test_constrained_mode_never_lets_the_model_name_a_forbidden_tool(server, cas
     named_forbidden = [name for name, _ in refused if name not in PERMITTED]
     executed = {r.resource for r in audit("tool.call")}
     assert not executed & set(named_forbidden)
-    assert not {r.resource for r in audit("tool.authorize")} & set(named_forbidden)
     invalid_steps = [s for s in xcom["transcript"] if s["kind"] == "invalid_reply"]
     assert len(invalid_steps) == len(named_forbidden)
-    # A granted tool with arguments outside the policy's constraints does become a call, and is denied.
+    denials = [r for r in audit("tool.authorize") if r.decision == "deny"]
+    # Every refused choice is a deny record: a forbidden name the schema refused (each time the model chose
+    # it: the first reply and its repair) ...
+    schema_refusals = [r.resource for r in denials if r.extra.get("mode") == "constrained"]
+    assert sorted(schema_refusals) == sorted(named_forbidden * 2)
+    assert all(r.outcome == "denied" for r in denials)
+    assert all("it was not run" in (r.error or "") for r in denials if r.extra.get("mode") == "constrained")
+    # ... and a granted tool with arguments outside the policy's constraints, which becomes a call and is denied.
     constrained_denials = [name for name, _ in refused if name in PERMITTED]
-    assert [r.resource for r in audit("tool.authorize") if r.decision == "deny"] == constrained_denials
+    assert [r.resource for r in denials if r.extra.get("mode") != "constrained"] == constrained_denials
     if constrained_denials:
         assert tools.calls["lookup_order"] == 0
 

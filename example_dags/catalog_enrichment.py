@@ -90,7 +90,7 @@ def catalog_enrichment() -> None:
         left = len(rows) - len(done)
         print(f"enriched {len(done)} products tonight ({summary['tokens']} tokens); {left} left")
         if summary.get("stopped_by_budget"):
-            print(f"stopped by the daily budget, resumes tomorrow: {summary['stopped_by_budget'][:160]}")
+            print(f"stopped by the daily budget, resumes tomorrow: {(summary['stopped'] or '')[:160]}")
         return {"enriched": len(done), "left": left}
 
     record_progress(enrich.output)

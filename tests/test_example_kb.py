@@ -38,9 +38,9 @@ def test_ingest_then_answer_with_sources(airflow_db, local_model_connection, dag
     from governed_ai.hooks.chroma import ChromaHook
 
     assert dagbag.dags["kb_ingest"].test().state == DagRunState.SUCCESS
-    count = ChromaHook().store.count("kb_support")
+    count = ChromaHook().store(None).count("kb_support")
     assert dagbag.dags["kb_ingest"].test().state == DagRunState.SUCCESS  # nightly rerun: no duplicates
-    assert ChromaHook().store.count("kb_support") == count
+    assert ChromaHook().store(None).count("kb_support") == count
 
     assert dagbag.dags["kb_answering"].test().state == DagRunState.SUCCESS
     rows = [

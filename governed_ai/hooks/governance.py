@@ -10,10 +10,12 @@ from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import AirflowNotFoundException
 from pydantic import BaseModel, ConfigDict
 
-from governed_ai.core.audit import AuditStore
+from governed_ai.core.audit import ANCHOR_EVERY_RECORDS, ANCHOR_EVERY_SECONDS, AuditStore
+from governed_ai.core.audit_anchors import AnchorLog
 from governed_ai.core.governor import EngineSource, FixedPolicy, Governor
+from governed_ai.core.keys import DeploymentKey, load_or_create_key_file, read_key_file
 from governed_ai.core.ledger import BudgetLedger
-from governed_ai.core.paths import default_store_url
+from governed_ai.core.paths import default_store_url, provider_home
 from governed_ai.core.policy import PolicyEngine, PolicyProvider
 from governed_ai.core.sqlstore import create_store_engine
 from governed_ai.core.subject import Subject
@@ -21,7 +23,7 @@ from governed_ai.hooks.connection_fields import extra_fields
 from governed_ai.hooks.observers import default_observers
 
 if TYPE_CHECKING:
-    from airflow.sdk import Context
+    from airflow.sdk import Connection, Context
 
 CONFIG_SECTION = "governed_ai"
 NO_POLICY = (
@@ -30,9 +32,14 @@ NO_POLICY = (
     "'governed_ai_governance_default' connection with a policy_path or policy_yaml extra."
 )
 
+#: Connection extra that may hold the audit key (the connection's password field is the other place).
+AUDIT_KEY_EXTRA = "audit_key"
+#: The single-machine fallback key file, under ``$AIRFLOW_HOME/governed_ai/``.
+DEV_KEY_FILE = "audit.key"
+
 # One Governor per (policy, store) per process: the policy's hot-reload state and the database engine
 # are shared by every task a worker runs, instead of being rebuilt for each call.
-_GOVERNORS: dict[tuple[str, str, str], Governor] = {}
+_GOVERNORS: dict[tuple[str, ...], Governor] = {}
 _GOVERNORS_LOCK = threading.Lock()
 
 
@@ -45,16 +52,26 @@ class GovernanceSettings(BaseModel):
     policy_yaml: str | None = None
     store_url: str | None = None
     policy_check_interval_seconds: float = 5.0
+    audit_anchor_path: str | None = None
+    audit_anchor_every_records: int = ANCHOR_EVERY_RECORDS
+    audit_anchor_every_seconds: float = ANCHOR_EVERY_SECONDS
 
 
 class GovernanceHook(BaseHook):
     """Authorizes, budgets, redacts and audits every governed call of a task.
 
     Settings come from the ``governed_ai_governance`` connection (extras ``policy_path``,
-    ``policy_yaml``, ``store_url``) when it exists, else from the ``[governed_ai]`` config section
-    (``policy_path``, ``store_url``, ``policy_check_interval_seconds``). With no policy at all, every call
-    is denied. The store defaults to a SQLite file under ``$AIRFLOW_HOME/governed_ai/``; set a PostgreSQL
-    URL when several workers share it.
+    ``policy_yaml``, ``store_url``, ``audit_anchor_path``) when it exists, else from the ``[governed_ai]``
+    config section (``policy_path``, ``store_url``, ``policy_check_interval_seconds``,
+    ``audit_anchor_path``, ``audit_anchor_every_records``, ``audit_anchor_every_seconds``). With no policy at
+    all, every call is denied. The store defaults to a SQLite file under ``$AIRFLOW_HOME/governed_ai/``; set
+    a PostgreSQL URL when several workers share it.
+
+    The audit chain's key (:meth:`audit_key`) never comes from the governance database: the connection's
+    password or ``audit_key`` extra, else ``[governed_ai] audit_hmac_key`` (which Airflow also reads from
+    ``audit_hmac_key_cmd``, ``audit_hmac_key_secret`` and secrets backends), else, on a single machine, a
+    key file created on first use. Anchors of the chain head go to ``audit_anchor_path`` (a local
+    directory or an object-storage URL), by default ``$AIRFLOW_HOME/governed_ai/anchors/``.
 
     :param governance_conn_id: Connection of type ``governed_ai_governance`` (optional).
     """
@@ -68,6 +85,12 @@ class GovernanceHook(BaseHook):
         super().__init__(**kwargs)
         self.governance_conn_id = governance_conn_id
 
+    def _connection(self) -> Connection | None:
+        try:
+            return self.get_connection(self.governance_conn_id)
+        except AirflowNotFoundException:
+            return None
+
     @cached_property
     def settings(self) -> GovernanceSettings:
         from airflow.configuration import conf
@@ -78,11 +101,18 @@ class GovernanceHook(BaseHook):
             "policy_check_interval_seconds": conf.getfloat(
                 CONFIG_SECTION, "policy_check_interval_seconds", fallback=5.0
             ),
+            "audit_anchor_path": conf.get(CONFIG_SECTION, "audit_anchor_path", fallback=None),
+            "audit_anchor_every_records": conf.getint(
+                CONFIG_SECTION, "audit_anchor_every_records", fallback=ANCHOR_EVERY_RECORDS
+            ),
+            "audit_anchor_every_seconds": conf.getfloat(
+                CONFIG_SECTION, "audit_anchor_every_seconds", fallback=ANCHOR_EVERY_SECONDS
+            ),
         }
-        try:
-            extra = extra_fields(self.get_connection(self.governance_conn_id), self.conn_type)
-        except AirflowNotFoundException:
-            extra = {}
+        connection = self._connection()
+        extra = extra_fields(connection, self.conn_type) if connection is not None else {}
+        # The key is a secret: it is read by audit_key(), never kept in the (loggable) settings.
+        extra.pop(AUDIT_KEY_EXTRA, None)
         from_connection = {key: value for key, value in extra.items() if value not in (None, "")}
         if "policy_yaml" in from_connection and "policy_path" not in from_connection:
             # An inline policy in the connection replaces the configured file, it does not merge with it.
@@ -90,11 +120,59 @@ class GovernanceHook(BaseHook):
         fields.update(from_connection)
         return GovernanceSettings.model_validate({k: v for k, v in fields.items() if v not in (None, "")})
 
+    def audit_key(self, *, create_dev_key: bool = True) -> DeploymentKey | None:
+        """The deployment key of the audit chain, from the first place that has one: the governance
+        connection (password, or the ``audit_key`` extra), ``[governed_ai] audit_hmac_key`` (and its
+        ``_cmd``/``_secret`` forms and secrets backends, through Airflow's config), the key file
+        ``$AIRFLOW_HOME/governed_ai/audit.key``. With ``create_dev_key`` the key file is created when
+        nothing else is configured (a warning says that several workers need a shared key instead);
+        otherwise None is returned, and verification reports that it cannot verify."""
+        from airflow.configuration import conf
+
+        connection = self._connection()
+        if connection is not None:
+            extra = extra_fields(connection, self.conn_type)
+            for source, value in (
+                (
+                    f"connection {self.governance_conn_id} ({AUDIT_KEY_EXTRA} extra)",
+                    extra.get(AUDIT_KEY_EXTRA),
+                ),
+                (f"connection {self.governance_conn_id} (password)", connection.password),
+            ):
+                if isinstance(value, str) and value.strip():
+                    return DeploymentKey.from_text(value, source=source)
+        configured = conf.get(CONFIG_SECTION, "audit_hmac_key", fallback=None)
+        if configured and configured.strip():
+            return DeploymentKey.from_text(configured, source=f"[{CONFIG_SECTION}] audit_hmac_key")
+        path = provider_home() / DEV_KEY_FILE
+        return load_or_create_key_file(path) if create_dev_key else read_key_file(path)
+
+    def anchor_log(self) -> AnchorLog:
+        """Where the audit chain head is anchored: ``audit_anchor_path`` (a local directory, or an
+        object-storage URL read through Airflow's ``ObjectStoragePath``), by default
+        ``$AIRFLOW_HOME/governed_ai/anchors/``."""
+        location = self.settings.audit_anchor_path
+        if not location:
+            return AnchorLog(provider_home() / "anchors")
+        if "://" in location and not location.startswith("file://"):
+            from airflow.sdk import ObjectStoragePath
+
+            return AnchorLog(ObjectStoragePath(location))
+        return AnchorLog(location.removeprefix("file://"))
+
     @cached_property
     def governor(self) -> Governor:
         s = self.settings
         store_url = s.store_url or default_store_url()
-        key = (s.policy_path or "", s.policy_yaml or "", store_url)
+        audit_key = self.audit_key()
+        anchors = self.anchor_log()
+        key = (
+            s.policy_path or "",
+            s.policy_yaml or "",
+            store_url,
+            audit_key.key_id if audit_key is not None else "",
+            anchors.location,
+        )
         with _GOVERNORS_LOCK:
             if key not in _GOVERNORS:
                 policy: EngineSource
@@ -112,7 +190,14 @@ class GovernanceHook(BaseHook):
                 _GOVERNORS[key] = Governor(
                     policy=policy,
                     ledger=BudgetLedger(engine),
-                    audit=AuditStore(engine, observers=default_observers()),
+                    audit=AuditStore(
+                        engine,
+                        observers=default_observers(),
+                        key=audit_key,
+                        anchors=anchors,
+                        anchor_every_records=s.audit_anchor_every_records,
+                        anchor_every_seconds=s.audit_anchor_every_seconds,
+                    ),
                     mask=_airflow_mask,
                 )
             return _GOVERNORS[key]

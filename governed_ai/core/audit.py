@@ -125,7 +125,7 @@ CHAIN_PURPOSE = "audit-chain"
 ANCHOR_EVERY_RECORDS = 1_000
 ANCHOR_EVERY_SECONDS = 60.0
 
-ChainStatusName = Literal["ok", "broken", "unverifiable", "unanchored"]
+ChainStatusName = Literal["ok", "broken", "unverifiable", "unanchored", "error"]
 
 
 class AuditObserver(Protocol):
@@ -213,7 +213,8 @@ class ChainVerification(BaseModel):
     ``ok`` is true only for status ``ok``: every record's keyed hash checked, the head consistent, and
     every anchor found in the chain. ``broken`` means tampering (or a wrong key) was detected;
     ``unverifiable`` that no key was available to check the hashes; ``unanchored`` that the hashes are
-    fine but no anchor exists outside the database, so a cut-off tail could not have been noticed.
+    fine but no anchor exists outside the database, so a cut-off tail could not have been noticed;
+    ``error`` (set by callers such as the UI) that verification itself failed to run.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -311,6 +312,7 @@ class AuditStore:
         self._anchor_lock = threading.Lock()
         self._last_anchor: tuple[int, float] | None = None  # (seq, monotonic time) of this process's last
         self._chain_id: str | None = None
+        self._last_appended_seq: int | None = None  # newest seq this process appended
         self._warned_unkeyed = False
         ensure_tables(engine, _AUDIT_TABLES)
 
@@ -394,6 +396,7 @@ class AuditStore:
                 .where(audit_head_table.c.id == _HEAD_ID)
                 .values(seq=seq, hash=prev_hash)
             )
+        self._last_appended_seq = seq
         self._maybe_anchor(seq, prev_hash)
         self._notify(batch)
         return stored
@@ -415,11 +418,16 @@ class AuditStore:
                 return
             self._write_anchor(seq, head_hash, now)
 
-    def anchor(self) -> Anchor | None:
+    def anchor(self, *, only_if_behind: bool = False) -> Anchor | None:
         """Anchor the current chain head now (e.g. at the end of a task); None without a key, an anchor
-        location or records. Never raises: a failed anchor is logged, the governed work goes on."""
+        location or records. With ``only_if_behind``, only if this process appended records since its last
+        anchor. Never raises: a failed anchor is logged, the governed work goes on."""
         if self._anchors is None or self._key is None:
             return None
+        if only_if_behind:
+            last = self._last_anchor
+            if self._last_appended_seq is None or (last is not None and last[0] >= self._last_appended_seq):
+                return None
         try:
             with read_transaction(self._engine) as connection:
                 head = connection.execute(

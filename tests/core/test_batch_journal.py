@@ -12,6 +12,7 @@ from governed_ai.core.batch import BatchJournal, JournalWriter, journal_prefix
 from governed_ai.core.journal import JournalState, journal_table
 from governed_ai.core.sqlstore import create_store_engine
 from governed_ai.core.subject import Subject
+from tests.audit_support import keyed_audit_store
 
 SUBJECT = Subject(dag_id="batch_dag", task_id="classify", run_id="run-1", try_number=1)
 PARAMS = {"temperature": 0.0, "max_tokens": 20}
@@ -122,7 +123,7 @@ def audit_record(item_key: str, outcome: str = "ok") -> AuditRecord:
 
 
 def test_audit_records_are_committed_with_the_group_before_the_journal_rows(store_url, store_engine):
-    audit = AuditStore(store_engine)
+    audit = keyed_audit_store(store_engine)
     journal = BatchJournal(store_engine, prefix())
     writer = JournalWriter(journal, audit)
     elsewhere = create_store_engine(store_url)

@@ -18,7 +18,7 @@ import openai
 import pytest
 from pydantic import BaseModel
 
-from governed_ai.core.audit import AuditBuffer, AuditStore, StoredAuditRecord
+from governed_ai.core.audit import AuditBuffer, StoredAuditRecord
 from governed_ai.core.batch import (
     BatchJournal,
     BatchProgress,
@@ -38,6 +38,7 @@ from governed_ai.core.policy import PolicyProvider
 from governed_ai.core.pricing import PriceTable
 from governed_ai.core.sqlstore import create_store_engine
 from governed_ai.core.subject import Subject
+from tests.audit_support import keyed_audit_store
 from tests.fakes.openai_server import FakeOpenAIServer, ScriptedReply
 
 SUBJECT = Subject(dag_id="batch_dag", task_id="classify", run_id="run-1")
@@ -145,7 +146,7 @@ def harness(tmp_path: Path, server: FakeOpenAIServer) -> Iterator[Callable[..., 
         governor = Governor(
             policy=PolicyProvider(text=policy_text or policy()),
             ledger=BudgetLedger(engine),
-            audit=AuditStore(engine),
+            audit=keyed_audit_store(engine),
         )
         # One server for the module (starting and stopping one costs 0.5 s); each test starts it afresh.
         server.replies.clear()

@@ -22,6 +22,7 @@ from governed_ai.core.pricing import PriceTable
 from governed_ai.core.sqlstore import create_store_engine
 from governed_ai.core.structured_output import StructuredOutputError
 from governed_ai.core.subject import Subject
+from tests.audit_support import keyed_audit_store
 
 CONN = "llm"
 SUBJECT = Subject(dag_id="unit_dag", task_id="unit_task", run_id="run-1")
@@ -118,7 +119,7 @@ def make(tmp_path: Path) -> Iterator[Callable[..., Setup]]:
     engine = create_store_engine(f"sqlite:///{tmp_path}/g.db")
 
     def build(text: str | None = None, mask: Callable[[str], str] | None = None) -> Setup:
-        ledger, audit = BudgetLedger(engine), AuditStore(engine)
+        ledger, audit = BudgetLedger(engine), keyed_audit_store(engine)
         provider = PolicyProvider(text=text if text is not None else policy_text())
         governor = Governor(policy=provider, ledger=ledger, audit=audit)
         if mask is not None:

@@ -18,7 +18,7 @@ from governed_ai.core.ledger import BudgetExceeded, BudgetKey, BudgetLedger, Res
 from governed_ai.core.policy import Decision, PolicyEngine
 from governed_ai.core.policy import RedactionSettings as PolicyRedaction
 from governed_ai.core.pricing import PriceTable, estimate_prompt_tokens
-from governed_ai.core.redaction import RedactionSettings, Redactor
+from governed_ai.core.redaction import RedactionSettings, Redactor, report_secrets
 from governed_ai.core.sqlstore import utc_now
 from governed_ai.core.structured_output import StructuredOutputError
 from governed_ai.core.subject import Subject
@@ -84,12 +84,15 @@ class Governor:
 
     ``mask`` is an extra masking pass applied after the redactor (the governance hook passes Airflow's
     own secrets masker, which knows every connection password and sensitive variable of the task).
+    ``on_secret_found`` is called with each secret value the redactor finds (the governance hook registers
+    them with Airflow's masker, so task logs and rendered fields hide them too).
     """
 
     policy: EngineSource
     ledger: BudgetLedger
     audit: AuditStore
     mask: Callable[[str], str] = field(default=lambda text: text)
+    on_secret_found: Callable[[str], None] | None = None
     clock: Callable[[], datetime] = utc_now
     _redactors: dict[tuple[Any, ...], Redactor] = field(default_factory=dict, init=False, repr=False)
 
@@ -107,10 +110,12 @@ class Governor:
 
     def redact_text(self, text: str, settings: PolicyRedaction) -> tuple[str, int]:
         result = self.redactor_for(settings).redact(text)
+        if self.on_secret_found is not None:
+            report_secrets(text, result, self.on_secret_found)
         return self.mask(result.text), len(result.findings)
 
     def redact_obj(self, obj: Any, settings: PolicyRedaction) -> tuple[Any, int]:
-        detailed = self.redactor_for(settings).redact_obj_detailed(obj)
+        detailed = self.redactor_for(settings).redact_obj_detailed(obj, on_secret=self.on_secret_found)
         return _mask_obj(detailed.value, self.mask), len(detailed.findings)
 
     def record(self, record: AuditRecord) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+import logging
 import threading
+from collections.abc import Callable
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -199,6 +202,7 @@ class GovernanceHook(BaseHook):
                         anchor_every_seconds=s.audit_anchor_every_seconds,
                     ),
                     mask=_airflow_mask,
+                    on_secret_found=register_secret_with_airflow,
                 )
             return _GOVERNORS[key]
 
@@ -221,6 +225,7 @@ class GovernanceHook(BaseHook):
             map_index=-1 if map_index is None else int(map_index),
             owner=owner,
             tags=frozenset(getattr(dag, "tags", None) or ()),
+            bundle=bundle_of(ti),
         )
 
     def test_connection(self) -> tuple[bool, str]:
@@ -228,6 +233,108 @@ class GovernanceHook(BaseHook):
         if engine.load_error:
             return False, f"Policy does not load (every call is denied): {engine.load_error}"
         return True, f"Policy {engine.source} loaded (digest {engine.digest[:12]})."
+
+
+def bundle_of(ti: Any) -> str | None:
+    """The name of the DAG bundle the running task instance's DAG was loaded from, or None.
+
+    A worker gets it from the workload the scheduler sent (``ti.bundle_instance``); under ``dag.test()``
+    that is not set, and the DAG's record on the API server (``ti.get_dag``: the bundle the DAG processor
+    parsed it from) says. Both come from the deployment's bundle configuration, not from DAG code.
+    """
+    bundle = getattr(ti, "bundle_instance", None)
+    name = getattr(bundle, "name", None)
+    if isinstance(name, str) and name:
+        return name
+    get_dag = getattr(ti, "get_dag", None)
+    if get_dag is None:
+        return None
+    try:
+        name = get_dag(ti.dag_id).bundle_name
+    except Exception:  # not in a task process (unit tests with a fake task instance), or an older Airflow
+        return None
+    return name if isinstance(name, str) and name else None
+
+
+def anchor_audit_chains() -> int:
+    """Anchor the head of every audit chain this process appended to since its last anchor; returns how
+    many anchors were written. Called when a task instance ends (see :mod:`governed_ai.plugins.listener`),
+    so each task's records are covered by an anchor outside the database and a line in its log."""
+    with _GOVERNORS_LOCK:
+        governors = list(_GOVERNORS.values())
+    return sum(1 for governor in governors if governor.audit.anchor(only_if_behind=True) is not None)
+
+
+def register_secret_with_airflow(value: str) -> None:
+    """Tell Airflow's secrets masker about a secret the redactor found, so the task log and the rendered
+    template fields show ``***`` instead (in this process and, inside a task, in its supervisor); and
+    have Airflow store the task's rendered fields again when it ends, now masked, since they were first
+    stored before the secret was known."""
+    mask = _airflow_mask_secret()
+    if mask is None:  # pragma: no cover - an Airflow without a masker API
+        return
+    mask(value)
+    try:
+        from airflow.sdk import get_current_context
+
+        task: Any = get_current_context()["task"]
+        task.overwrite_rtif_after_execution = True
+    except Exception:  # not inside a running task (a test calling the governor directly, a CLI)
+        pass
+
+
+def _airflow_mask_secret() -> Callable[[str], None] | None:
+    # Airflow 3.1-3.3 expose it as airflow.sdk.log.mask_secret; older task SDK layouts had it elsewhere.
+    for module, name in (
+        ("airflow.sdk.log", "mask_secret"),
+        ("airflow.sdk.execution_time.secrets_masker", "mask_secret"),
+    ):
+        try:
+            found: Callable[[str], None] = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+        return found
+    return None
+
+
+def register_secrets_in_rendered_fields(task_instance: Any) -> int:
+    """Scan the rendered template fields of a governed operator that is about to run, register every
+    secret the policy's redactor finds with Airflow's masker, and store the rendered fields again, masked.
+
+    Airflow stores a task's rendered fields before ``execute`` runs, i.e. before governance sees them;
+    this runs right after that (from the task-instance listener), so a secret typed into a prompt is masked
+    in the UI's rendered view and in every later log line. Returns how many secrets were found.
+    """
+    task = task_instance.task
+    if not type(task).__module__.startswith("governed_ai."):
+        return 0
+    fields = {name: getattr(task, name, None) for name in getattr(task, "template_fields", ())}
+    hook = GovernanceHook(
+        governance_conn_id=getattr(task, "governance_conn_id", GovernanceHook.default_conn_name)
+    )
+    governor = hook.governor
+    subject = hook.subject_from_context(task_instance.get_template_context())
+    redactor = governor.redactor_for(governor.engine().redaction_for(subject))
+    found: list[str] = []
+    redactor.redact_obj_detailed(fields, on_secret=found.append)
+    for value in found:
+        register_secret_with_airflow(value)
+    if found:
+        task.overwrite_rtif_after_execution = True
+        _store_rendered_fields_again(task)
+    return len(found)
+
+
+def _store_rendered_fields_again(task: Any) -> None:
+    # Internal task-runner API (3.1-3.3): send the (now masked) rendered fields at once. If it moves, the
+    # overwrite at the end of the task (overwrite_rtif_after_execution) still replaces them.
+    try:
+        from airflow.sdk.execution_time.comms import SetRenderedFields
+        from airflow.sdk.execution_time.task_runner import SUPERVISOR_COMMS, _serialize_rendered_fields
+
+        SUPERVISOR_COMMS.send(SetRenderedFields(rendered_fields=_serialize_rendered_fields(task)))
+    except Exception:
+        logging.getLogger(__name__).debug("could not store the masked rendered fields now", exc_info=True)
 
 
 def _airflow_mask(text: str) -> str:

@@ -73,7 +73,11 @@ rules:
 """,
         "dagid:",
         "rules[0].match.dagid",
-        ["unknown key 'dagid'", "did you mean 'dag_id'", "expected one of: bundle, dag_id, owner, tags, task_id"],
+        [
+            "unknown key 'dagid'",
+            "did you mean 'dag_id'",
+            "expected one of: bundle, dag_id, owner, tags, task_id",
+        ],
     ),
     "invalid regex": (
         """\

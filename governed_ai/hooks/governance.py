@@ -35,6 +35,8 @@ NO_POLICY = (
     "'governed_ai_governance_default' connection with a policy_path or policy_yaml extra."
 )
 
+_TASK_LOG = logging.getLogger("airflow.task.governed_ai.audit")
+
 #: Connection extra that may hold the audit key (the connection's password field is the other place).
 AUDIT_KEY_EXTRA = "audit_key"
 #: The single-machine fallback key file, under ``$AIRFLOW_HOME/governed_ai/``.
@@ -262,7 +264,21 @@ def anchor_audit_chains() -> int:
     so each task's records are covered by an anchor outside the database and a line in its log."""
     with _GOVERNORS_LOCK:
         governors = list(_GOVERNORS.values())
-    return sum(1 for governor in governors if governor.audit.anchor(only_if_behind=True) is not None)
+    written = 0
+    for governor in governors:
+        anchor = governor.audit.anchor(only_if_behind=True)
+        if anchor is None:
+            continue
+        written += 1
+        location = (
+            governor.audit.anchors.describe(governor.audit.chain_id or "") if governor.audit.anchors else ""
+        )
+        # Under airflow.task, so the line lands in the task log: a copy of the head outside the database.
+        _TASK_LOG.info(
+            "audit chain anchored: seq %d head %s at %s (%s)",
+            anchor.seq, anchor.hash, anchor.time.isoformat(), location,
+        )  # fmt: skip
+    return written
 
 
 def register_secret_with_airflow(value: str) -> None:

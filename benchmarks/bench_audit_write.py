@@ -18,6 +18,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from governed_ai.core.audit import AuditBuffer, AuditRecord, AuditStore
+from governed_ai.core.audit_anchors import AnchorLog
+from governed_ai.core.keys import DeploymentKey, generate_key_text
 from governed_ai.core.sqlstore import create_store_engine
 from governed_ai.core.subject import Subject
 
@@ -67,7 +69,12 @@ def timed(label: str, records: list[AuditRecord], write: Callable[[list[AuditRec
 
 def run_backend(name: str, url: str, records: int, singles: int) -> None:
     engine = create_store_engine(url)
-    store = AuditStore(engine)
+    # Keyed and anchored, as the governance hook builds it: the HMAC and the anchor writes are in the figures.
+    store = AuditStore(
+        engine,
+        key=DeploymentKey.from_text(generate_key_text(), source="bench"),
+        anchors=AnchorLog(tempfile.mkdtemp(prefix="bench-anchors-")),
+    )
     print(f"{name}:")
 
     def single(batch: list[AuditRecord]) -> None:
@@ -90,7 +97,7 @@ def run_backend(name: str, url: str, records: int, singles: int) -> None:
     verification = store.verify()
     elapsed = time.perf_counter() - started
     print(
-        f"  verify: ok={verification.ok}, {verification.records_checked:,} records in {elapsed:.3f} s "
+        f"  verify: {verification.status}, {verification.records_checked:,} records in {elapsed:.3f} s "
         f"= {verification.records_checked / elapsed:,.0f} records/s"
     )
     engine.dispose()

@@ -2,11 +2,14 @@
 
     governed-ai policy check POLICY.yaml
     governed-ai audit tail [-n 20] | query [--dag-id ..] [--run-id ..] [--action ..] [--decision deny]
-    governed-ai audit export FILE.jsonl [filters] | verify
+    governed-ai audit export FILE.jsonl [filters]
+    governed-ai audit verify [--key-file F] [--anchor-path P] | anchor
     governed-ai budget status
 
 The store is ``--store-url``, else ``$AIRFLOW__GOVERNED_AI__STORE_URL``, else the SQLite file under
-``$AIRFLOW_HOME/governed_ai/``: the same defaults the governance hook uses. Airflow itself is not imported.
+``$AIRFLOW_HOME/governed_ai/``: the same defaults the governance hook uses. Only ``audit verify`` and
+``audit anchor`` import Airflow (when it is installed), to find the audit key and the anchor location the
+way the tasks do; ``--key-file`` and ``--anchor-path`` override that.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from governed_ai.core.audit import AuditStore, StoredAuditRecord
+from governed_ai.core.audit_anchors import AnchorLog
+from governed_ai.core.keys import DeploymentKey, read_key_file
 from governed_ai.core.ledger import BudgetLedger
-from governed_ai.core.paths import default_store_url
+from governed_ai.core.paths import default_store_url, provider_home
 from governed_ai.core.policy import PolicyError, PolicyProvider, load_policy_file
 from governed_ai.core.sqlstore import create_store_engine
 
@@ -29,6 +34,36 @@ def _store_url(explicit: str | None) -> str:
     if explicit:
         return explicit
     return os.environ.get("AIRFLOW__GOVERNED_AI__STORE_URL") or default_store_url()
+
+
+def _key_and_anchors(args: argparse.Namespace) -> tuple[DeploymentKey | None, AnchorLog]:
+    """The audit key and anchor location: the options, else what the governance hook would use (never
+    creating a key: a new key could not verify anything), else the environment and default paths."""
+    key: DeploymentKey | None = None
+    anchors: AnchorLog | None = AnchorLog(args.anchor_path) if args.anchor_path else None
+    if args.key_file:
+        key = read_key_file(Path(args.key_file))
+        if key is None:
+            raise SystemExit(f"governed-ai: key file {args.key_file} does not exist")
+    else:
+        try:
+            from governed_ai.hooks.governance import GovernanceHook
+        except ImportError:  # Airflow is not installed here: read what the environment says
+            configured = os.environ.get("AIRFLOW__GOVERNED_AI__AUDIT_HMAC_KEY")
+            if configured:
+                key = DeploymentKey.from_text(configured, source="AIRFLOW__GOVERNED_AI__AUDIT_HMAC_KEY")
+            else:
+                key = read_key_file(provider_home() / "audit.key")
+        else:
+            hook = GovernanceHook()
+            key = hook.audit_key(create_dev_key=False)
+            if anchors is None:
+                anchors = hook.anchor_log()
+    if anchors is None:
+        anchors = AnchorLog(
+            os.environ.get("AIRFLOW__GOVERNED_AI__AUDIT_ANCHOR_PATH") or provider_home() / "anchors"
+        )
+    return key, anchors
 
 
 def _row(record: StoredAuditRecord) -> str:
@@ -72,7 +107,17 @@ def main(argv: list[str] | None = None) -> int:
             sub.add_argument(flag)
         if name == "query":
             sub.add_argument("--limit", type=int, default=100)
-    audit.add_parser("verify", help="check the hash chain; exit 1 if a record was edited or removed")
+    verify = audit.add_parser(
+        "verify", help="check the keyed hash chain and its anchors; exit 1 unless everything checks out"
+    )
+    anchor = audit.add_parser("anchor", help="copy the chain head to the anchor location now")
+    for sub in (verify, anchor):
+        sub.add_argument(
+            "--key-file", default=None, help="file holding the audit key (default: as the tasks)"
+        )
+        sub.add_argument(
+            "--anchor-path", default=None, help="anchor directory or URL (default: as the tasks)"
+        )
 
     budget = groups.add_parser("budget").add_subparsers(dest="command", required=True)
     budget.add_parser("status", help="spend, holds and remaining per budget period")
@@ -114,6 +159,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{s.budget} [{window}]: {tokens}, {cost}; {held}{resets}")
         return 0
 
+    if args.command in ("verify", "anchor"):
+        key, anchors = _key_and_anchors(args)
+        keyed = AuditStore(store_engine, key=key, anchors=anchors)
+        if args.command == "anchor":
+            if key is None:
+                print("cannot anchor: no audit key is configured", file=sys.stderr)
+                return 1
+            written = keyed.anchor()
+            print(f"anchored seq {written.seq} at {anchors.location}" if written else "nothing to anchor")
+            return 0
+        result = keyed.verify()
+        print(json.dumps(result.model_dump(mode="json"), indent=2))
+        if not result.ok:
+            print(f"audit chain {result.status.upper()}: {result.problem}", file=sys.stderr)
+        return 0 if result.ok else 1
+
     store = AuditStore(store_engine)
     if args.command == "tail":
         for record in store.tail(args.n):
@@ -125,10 +186,6 @@ def main(argv: list[str] | None = None) -> int:
         with args.file.open("w") as out:
             count = store.export_jsonl(out, **_filters(args))
         print(f"exported {count} record(s) to {args.file}")
-    else:
-        result = store.verify()
-        print(json.dumps(result.model_dump(mode="json"), indent=2))
-        return 0 if result.ok else 1
     return 0
 
 

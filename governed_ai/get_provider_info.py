@@ -80,6 +80,45 @@ def get_provider_info() -> dict[str, Any]:
                         "example": "5",
                         "default": "5",
                     },
+                    "audit_hmac_key": {
+                        "description": (
+                            "Secret key of the audit chain's HMAC (at least 16 characters), shared by every "
+                            "worker and never stored in the governance database. Also read from "
+                            "audit_hmac_key_cmd, audit_hmac_key_secret or a secrets backend. The governance "
+                            "connection's password wins over it. Unset on a single machine: a key file "
+                            "AIRFLOW_HOME/governed_ai/audit.key is created."
+                        ),
+                        "version_added": "0.2.0",
+                        "type": "string",
+                        "sensitive": True,
+                        "example": None,
+                        "default": None,
+                    },
+                    "audit_anchor_path": {
+                        "description": (
+                            "Where copies of the audit chain head (anchors) are kept, outside the database: "
+                            "a local directory or an object-storage URL (s3://conn_id@bucket/anchors/). "
+                            "Default: AIRFLOW_HOME/governed_ai/anchors/."
+                        ),
+                        "version_added": "0.2.0",
+                        "type": "string",
+                        "example": "s3://aws_default@audit-anchors/governance/",
+                        "default": None,
+                    },
+                    "audit_anchor_every_records": {
+                        "description": "A writer anchors the chain head after this many records.",
+                        "version_added": "0.2.0",
+                        "type": "integer",
+                        "example": "1000",
+                        "default": "1000",
+                    },
+                    "audit_anchor_every_seconds": {
+                        "description": "... or once this many seconds have passed since its last anchor.",
+                        "version_added": "0.2.0",
+                        "type": "float",
+                        "example": "60",
+                        "default": "60",
+                    },
                 },
             }
         },
@@ -196,6 +235,14 @@ def get_provider_info() -> dict[str, Any]:
                         "schema": {"type": ["string", "null"]},
                         "description": "Used when no policy file path is set.",
                     },
+                    "audit_anchor_path": {
+                        "label": "Audit anchor location",
+                        "schema": {"type": ["string", "null"]},
+                        "description": (
+                            "Directory or object-storage URL for copies of the audit chain head; "
+                            "default AIRFLOW_HOME/governed_ai/anchors/."
+                        ),
+                    },
                     "store_url": {
                         "label": "Audit/ledger store URL",
                         "schema": {"type": ["string", "null"]},
@@ -206,8 +253,8 @@ def get_provider_info() -> dict[str, Any]:
                     },
                 },
                 "ui-field-behaviour": {
-                    "hidden-fields": ["schema", "port", "login", "password", "host"],
-                    "relabeling": {},
+                    "hidden-fields": ["schema", "port", "login", "host"],
+                    "relabeling": {"password": "Audit HMAC key (secret)"},
                     "placeholders": {},
                 },
             },

@@ -112,7 +112,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 def client_for_connection(tmp_path: Path) -> Iterator[Callable[..., Any]]:
     """Builds a real GovernedClient for an LLM connection (as the environment defines it), with a policy
     given as YAML and a private SQLite store; closed at the end of the test."""
-    from governed_ai.core.audit import AuditStore
     from governed_ai.core.client import GovernedClient
     from governed_ai.core.governor import Governor
     from governed_ai.core.ledger import BudgetLedger
@@ -120,6 +119,7 @@ def client_for_connection(tmp_path: Path) -> Iterator[Callable[..., Any]]:
     from governed_ai.core.sqlstore import create_store_engine
     from governed_ai.core.subject import Subject
     from governed_ai.hooks.llm import LLMHook
+    from tests.audit_support import keyed_audit_store
 
     engine = create_store_engine(f"sqlite:///{tmp_path / 'client-governance.db'}")
     clients: list[GovernedClient] = []
@@ -128,7 +128,9 @@ def client_for_connection(tmp_path: Path) -> Iterator[Callable[..., Any]]:
               task_id: str = "unit_task", try_number: int = 1) -> GovernedClient:  # fmt: skip
         hook = LLMHook(llm_conn_id=conn_id)
         governor = Governor(
-            policy=PolicyProvider(text=policy_yaml), ledger=BudgetLedger(engine), audit=AuditStore(engine)
+            policy=PolicyProvider(text=policy_yaml),
+            ledger=BudgetLedger(engine),
+            audit=keyed_audit_store(engine),
         )
         client = GovernedClient(
             governor,

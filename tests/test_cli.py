@@ -14,8 +14,10 @@ import yaml
 from sqlalchemy import text
 
 from governed_ai.cli import main
-from governed_ai.core.audit import AuditStore
+from governed_ai.core.audit import AuditStore, unkeyed_chain_hash
+from governed_ai.core.audit_anchors import AnchorLog
 from governed_ai.core.governor import Governor
+from governed_ai.core.keys import DeploymentKey, load_or_create_key_file
 from governed_ai.core.ledger import BudgetLedger
 from governed_ai.core.policy import PolicyProvider
 from governed_ai.core.sqlstore import create_store_engine
@@ -42,13 +44,23 @@ budgets:
 
 
 @pytest.fixture
-def store_url(tmp_path: Path) -> str:
-    """A store with 2 allowed calls and 1 denied one, written through a Governor."""
+def key_file(tmp_path: Path) -> Path:
+    return tmp_path / "secrets" / "audit.key"
+
+
+@pytest.fixture
+def anchor_dir(tmp_path: Path) -> Path:
+    return tmp_path / "anchors"
+
+
+@pytest.fixture
+def store_url(tmp_path: Path, key_file: Path, anchor_dir: Path) -> str:
+    """A store with 2 allowed calls and 1 denied one, written through a Governor with a keyed, anchored
+    audit chain."""
     url = f"sqlite:///{tmp_path / 'cli.db'}"
     engine = create_store_engine(url)
-    governor = Governor(
-        policy=PolicyProvider(text=POLICY), ledger=BudgetLedger(engine), audit=AuditStore(engine)
-    )
+    audit = AuditStore(engine, key=load_or_create_key_file(key_file), anchors=AnchorLog(anchor_dir))
+    governor = Governor(policy=PolicyProvider(text=POLICY), ledger=BudgetLedger(engine), audit=audit)
     subject = Subject(dag_id="cli_dag", task_id="ask", run_id="run-1")
 
     def chat(model: str) -> str:  # 30 prompt + 12 completion tokens per call
@@ -57,6 +69,7 @@ def store_url(tmp_path: Path) -> str:
     assert chat("good-model") == "ok"
     assert chat("bad-model") == "denied"
     assert chat("good-model") == "ok"
+    audit.anchor()  # what the end of a governed task does
     engine.dispose()
     return url
 
@@ -127,21 +140,87 @@ def test_audit_export_writes_jsonl(capsys, store_url, tmp_path):
     assert records[1]["prev_hash"] == records[0]["hash"]
 
 
-def test_audit_verify_detects_a_tampered_row(capsys, store_url):
-    code, out, _ = run(capsys, "--store-url", store_url, "audit", "verify")
-    assert code == 0
-    assert json.loads(out)["ok"] is True and json.loads(out)["records_checked"] == 5
+def verify(capsys: pytest.CaptureFixture[str], store_url: str, *extra: str) -> tuple[int, dict, str]:
+    code, out, err = run(capsys, "--store-url", store_url, "audit", "verify", *extra)
+    # Importing Airflow (to find the key the way tasks do) may log a line to stdout before the report.
+    return code, json.loads(out[out.index("{\n") :]), err
+
+
+def test_audit_verify_detects_a_tampered_row(capsys, store_url, key_file, anchor_dir):
+    keyed = ("--key-file", str(key_file), "--anchor-path", str(anchor_dir))
+    code, report, _ = verify(capsys, store_url, *keyed)
+    assert code == 0, report
+    assert report["ok"] is True and report["records_checked"] == 5 and report["anchors_checked"] >= 1
 
     engine = create_store_engine(store_url)
     with engine.begin() as connection:
         connection.execute(text("UPDATE governed_ai_audit SET error = 'nothing to see' WHERE seq = 3"))
     engine.dispose()
 
-    code, out, _ = run(capsys, "--store-url", store_url, "audit", "verify")
-    report = json.loads(out)
+    code, report, err = verify(capsys, store_url, *keyed)
     assert code == 1
     assert report["ok"] is False and report["first_bad_seq"] == 3
-    assert "seq 3" in report["problem"]
+    assert "seq 3" in report["problem"] and "BROKEN" in err
+
+
+def test_audit_verify_without_the_key_cannot_verify(capsys, store_url, anchor_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path / "no-key-here"))
+    code, report, err = verify(capsys, store_url, "--anchor-path", str(anchor_dir))
+    assert code == 1
+    assert (report["ok"], report["status"]) == (False, "unverifiable")
+    assert "UNVERIFIABLE" in err
+
+
+def test_audit_verify_finds_the_key_where_the_tasks_do(capsys, store_url, key_file, anchor_dir, monkeypatch):
+    # Airflow's own config reading: the _cmd form of the sensitive option (secrets backends work alike).
+    monkeypatch.setenv("AIRFLOW__GOVERNED_AI__AUDIT_HMAC_KEY_CMD", f"cat {key_file}")
+    monkeypatch.setenv("AIRFLOW__GOVERNED_AI__AUDIT_ANCHOR_PATH", str(anchor_dir))
+    code, report, _ = verify(capsys, store_url)
+    assert code == 0, report
+    assert report["key_id"] == DeploymentKey.from_text(key_file.read_text(), source="t").key_id
+
+
+def test_audit_verify_fails_a_cut_tail_with_a_moved_head_and_a_recomputed_chain(
+    capsys, store_url, key_file, anchor_dir
+):
+    keyed = ("--key-file", str(key_file), "--anchor-path", str(anchor_dir))
+    engine = create_store_engine(store_url)
+    with engine.begin() as connection:
+        kept = connection.execute(text("SELECT hash FROM governed_ai_audit WHERE seq = 4")).scalar_one()
+        connection.execute(text("DELETE FROM governed_ai_audit WHERE seq > 4"))
+        connection.execute(text("UPDATE governed_ai_audit_head SET seq = 4, hash = :h"), {"h": kept})
+    code, report, _ = verify(capsys, store_url, *keyed)
+    assert (code, report["status"], report["head_seq"]) == (1, "broken", 4)
+    assert "cut off the end" in report["problem"]
+
+    # Recompute the (shorter) chain with the unkeyed hash, as the old version wrote it.
+    prev = "0" * 64
+    for record in AuditStore(engine).query(limit=None, order="asc"):
+        new_hash = unkeyed_chain_hash(prev, record.seq, record)
+        with engine.begin() as connection:
+            connection.execute(
+                text("UPDATE governed_ai_audit SET prev_hash = :p, hash = :h WHERE seq = :s"),
+                {"p": prev, "h": new_hash, "s": record.seq},
+            )
+        prev = new_hash
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE governed_ai_audit_head SET hash = :h"), {"h": prev})
+    engine.dispose()
+    code, report, _ = verify(capsys, store_url, *keyed)
+    assert (code, report["status"], report["first_bad_seq"]) == (1, "broken", 1)
+    assert "plain SHA-256" in report["problem"]
+
+
+def test_audit_anchor_copies_the_head_now(capsys, store_url, key_file, tmp_path):
+    elsewhere = tmp_path / "other-anchors"
+    keyed = ("--key-file", str(key_file), "--anchor-path", str(elsewhere))
+    code, report, _ = verify(capsys, store_url, *keyed)
+    assert (code, report["status"]) == (1, "unanchored")
+
+    code, out, _ = run(capsys, "--store-url", store_url, "audit", "anchor", *keyed)
+    assert code == 0 and "anchored seq 5" in out
+    code, report, _ = verify(capsys, store_url, *keyed)
+    assert code == 0 and report["newest_anchor_seq"] == 5
 
 
 def test_budget_status_shows_spent_tokens(capsys, store_url):

@@ -32,10 +32,8 @@ def test_ingest_then_answer_with_sources(airflow_db, local_model_connection, dag
     from airflow.utils.state import DagRunState
 
     import example_dags.kb_answering as answering
-    from governed_ai.core.audit import AuditStore
-    from governed_ai.core.paths import default_store_url
-    from governed_ai.core.sqlstore import create_store_engine
     from governed_ai.hooks.chroma import ChromaHook
+    from governed_ai.hooks.governance import GovernanceHook
 
     assert dagbag.dags["kb_ingest"].test().state == DagRunState.SUCCESS
     count = ChromaHook().store(None).count("kb_support")
@@ -53,7 +51,7 @@ def test_ingest_then_answer_with_sources(airflow_db, local_model_connection, dag
         assert row["answer"], row
         assert len(row["sources"]) == 1
 
-    audit = AuditStore(create_store_engine(default_store_url()))
+    audit = GovernanceHook().governor.audit  # keyed and anchored as the tasks wrote it
     (query,) = [r for r in audit.query(action="collection.query") if r.dag_id == "kb_answering"][:1]
     assert {r["id"] for r in query.extra["retrieved"]} == {i for row in rows for i in row["sources"]}
     assert query.rule == "rag-answering"

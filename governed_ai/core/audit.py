@@ -1,11 +1,20 @@
-"""Append-only, hash-chained audit trail of every governed action.
+"""Append-only, keyed hash chain of every governed action, anchored outside the database.
 
-Each stored record gets the next ``seq`` and ``hash = sha256(prev_hash || canonical JSON of the record
-with its seq)``, where ``prev_hash`` is the hash of the record before it (64 zeros for the first). Editing,
-deleting or reordering rows behind the store's back therefore breaks the chain, and :meth:`AuditStore.verify`
-says where and how. A one-row "chain head" (last seq and hash) is updated in the same transaction as every
-append; it serialises concurrent writers (row lock on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite) and lets
-verification notice rows cut off the end of the chain.
+Each stored record gets the next ``seq`` and ``hash = HMAC-SHA256(k, prev_hash || canonical JSON of the
+record with its seq)``, where ``prev_hash`` is the hash of the record before it (64 zeros for the first) and
+``k`` is the audit sub-key of the deployment's secret (:mod:`governed_ai.core.keys`), which is never stored in
+the governance database. Editing, deleting or reordering rows behind the store's back breaks the chain, and
+without the key nobody can recompute a chain that verifies. A one-row "chain head" (last seq and hash) is
+updated in the same transaction as every append; it serialises concurrent writers (row lock on PostgreSQL,
+``BEGIN IMMEDIATE`` on SQLite) and lets verification notice rows cut off the end of the chain.
+
+Someone who can write the database could still cut the newest records and move the head back. So the
+writer also copies the head, every ``anchor_every_records`` records or ``anchor_every_seconds`` seconds, to
+an :class:`~governed_ai.core.audit_anchors.AnchorLog` outside the database (and logs it), and
+:meth:`AuditStore.verify` checks the chain against those anchors.
+
+:meth:`AuditStore.verify` answers ``ok`` only when it could check everything: without the key the status is
+``unverifiable``, without anchors (for a non-empty chain) ``unanchored``; neither is ``ok``.
 
 The store records what it is given: redaction happens before a record is built, never here.
 """
@@ -15,8 +24,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
-from collections.abc import Iterable, Iterator, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, Literal, Protocol, Self
@@ -40,6 +52,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection
 
+from governed_ai.core.audit_anchors import Anchor, AnchorLog
+from governed_ai.core.keys import DeploymentKey, KeyedHasher
 from governed_ai.core.sqlstore import (
     UtcDateTime,
     as_utc,
@@ -103,6 +117,14 @@ audit_head_table = Table(
 )
 
 _AUDIT_TABLES = (audit_table, audit_head_table)
+
+#: Purpose of the deployment key's sub-key that chains audit records.
+CHAIN_PURPOSE = "audit-chain"
+#: Defaults of the writer's anchoring cadence.
+ANCHOR_EVERY_RECORDS = 1_000
+ANCHOR_EVERY_SECONDS = 60.0
+
+ChainStatusName = Literal["ok", "broken", "unverifiable", "unanchored", "error"]
 
 
 class AuditObserver(Protocol):
@@ -185,11 +207,19 @@ class StoredAuditRecord(AuditRecord):
 
 
 class ChainVerification(BaseModel):
-    """Result of :meth:`AuditStore.verify`."""
+    """Result of :meth:`AuditStore.verify`.
+
+    ``ok`` is true only for status ``ok``: every record's keyed hash checked, the head consistent, and
+    every anchor found in the chain. ``broken`` means tampering (or a wrong key) was detected;
+    ``unverifiable`` that no key was available to check the hashes; ``unanchored`` that the hashes are
+    fine but no anchor exists outside the database, so a cut-off tail could not have been noticed;
+    ``error`` (set by callers such as the UI) that verification itself failed to run.
+    """
 
     model_config = ConfigDict(frozen=True)
 
     ok: bool
+    status: ChainStatusName = "ok"
     records_checked: int
     first_bad_seq: int | None = None
     problem: str | None = Field(
@@ -197,6 +227,10 @@ class ChainVerification(BaseModel):
     )
     head_seq: int = Field(description="last seq the chain head records")
     head_hash: str = Field(description="hash of the last record; keep a copy elsewhere to anchor the chain")
+    key_id: str | None = Field(default=None, description="public id of the key the hashes were checked with")
+    anchors_checked: int = Field(default=0, description="anchors (copies of the head kept outside) checked")
+    newest_anchor_seq: int | None = None
+    anchor_location: str | None = Field(default=None, description="where the anchors were read from")
 
 
 _HASHED_FIELDS: tuple[str, ...] = tuple(AuditRecord.model_fields)
@@ -211,15 +245,34 @@ def _format_time(moment: datetime) -> str:
     return as_utc(moment).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def chain_hash(prev_hash: str, seq: int, record: AuditRecord) -> str:
-    """``sha256(prev_hash || canonical JSON of the record's fields and seq)`` as hex.
-
-    Public so that the chain can be checked by tools that read an export instead of the database.
-    """
+def chain_payload(prev_hash: str, seq: int, record: AuditRecord) -> bytes:
+    """What a record's chain hash is computed over: ``prev_hash || canonical JSON of its fields and seq``."""
     fields: dict[str, Any] = {name: getattr(record, name) for name in _HASHED_FIELDS}
     fields["time"] = _format_time(record.time)
     fields["seq"] = seq
-    return hashlib.sha256((prev_hash + canonical_json(fields)).encode("utf-8")).hexdigest()
+    return (prev_hash + canonical_json(fields)).encode("utf-8")
+
+
+def chain_hasher(key: DeploymentKey) -> KeyedHasher:
+    """The keyed hasher of the audit chain under ``key``."""
+    return key.hasher(CHAIN_PURPOSE)
+
+
+def chain_hash(prev_hash: str, seq: int, record: AuditRecord, key: DeploymentKey | KeyedHasher) -> str:
+    """``HMAC-SHA256(audit sub-key, chain_payload(...))`` as hex: the hash a keyed store writes.
+
+    Public so that the chain can be checked by tools that read an export instead of the database (they
+    need the key too).
+    """
+    hasher = key if isinstance(key, KeyedHasher) else chain_hasher(key)
+    return hasher.hexdigest(chain_payload(prev_hash, seq, record))
+
+
+def unkeyed_chain_hash(prev_hash: str, seq: int, record: AuditRecord) -> str:
+    """Plain ``sha256(chain_payload(...))``: what a store without a key writes (and what releases before
+    the keyed chain wrote). Anyone can compute it, so it proves nothing; verification uses it only to
+    explain a mismatch."""
+    return hashlib.sha256(chain_payload(prev_hash, seq, record)).hexdigest()
 
 
 class AuditStore:
@@ -228,10 +281,63 @@ class AuditStore:
     There are deliberately no update or delete methods.
     """
 
-    def __init__(self, engine: Engine, observers: Sequence[AuditObserver] = ()) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        observers: Sequence[AuditObserver] = (),
+        *,
+        key: DeploymentKey | None = None,
+        anchors: AnchorLog | None = None,
+        anchor_every_records: int = ANCHOR_EVERY_RECORDS,
+        anchor_every_seconds: float = ANCHOR_EVERY_SECONDS,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``key`` chains the records with HMAC (without it they get a plain SHA-256 chain that
+        :meth:`verify` can never call ``ok``); ``anchors`` receives a copy of the head after an append once
+        ``anchor_every_records`` records or ``anchor_every_seconds`` seconds have passed since this
+        process's last anchor (and after the first append of the process)."""
+        if anchor_every_records < 1:
+            raise ValueError("anchor_every_records must be at least 1")
+        if anchor_every_seconds < 0 or math.isnan(anchor_every_seconds):
+            raise ValueError("anchor_every_seconds must not be negative")
         self._engine = engine
         self.observers: list[AuditObserver] = list(observers)
+        self._key = key
+        self._hasher = chain_hasher(key) if key is not None else None
+        self._anchors = anchors
+        self._anchor_every_records = anchor_every_records
+        self._anchor_every_seconds = anchor_every_seconds
+        self._monotonic = monotonic
+        self._anchor_lock = threading.Lock()
+        self._last_anchor: tuple[int, float] | None = None  # (seq, monotonic time) of this process's last
+        self._chain_id: str | None = None
+        self._last_appended_seq: int | None = None  # newest seq this process appended
+        self._warned_unkeyed = False
         ensure_tables(engine, _AUDIT_TABLES)
+
+    @property
+    def key(self) -> DeploymentKey | None:
+        """The deployment key the chain is written and checked with (None: unkeyed)."""
+        return self._key
+
+    @property
+    def anchors(self) -> AnchorLog | None:
+        """Where the chain head is anchored, if anywhere."""
+        return self._anchors
+
+    @property
+    def chain_id(self) -> str | None:
+        """The hash of the chain's first record (None while it is empty): names the chain's anchors.
+
+        Derived from the chain itself, so no row in the database can re-point the anchors: changing the
+        first record changes this id, and breaks the keyed chain anyway.
+        """
+        if self._chain_id is None:
+            with read_transaction(self._engine) as connection:
+                found = connection.execute(select(audit_table.c.hash).where(audit_table.c.seq == 1)).scalar()
+            if found is not None:
+                self._chain_id = str(found)
+        return self._chain_id
 
     @property
     def engine(self) -> Engine:
@@ -251,20 +357,30 @@ class AuditStore:
             return []
         with write_transaction(self._engine) as connection:
             stored = self.append_in(connection, batch)
-        self.notify(batch)
+        self.after_commit(batch, stored)
         return stored
 
     def append_in(self, connection: Connection, batch: Sequence[AuditRecord]) -> list[StoredAuditRecord]:
         """Append ``batch`` inside the caller's write transaction (the group-commit writer's); the caller
-        calls :meth:`notify` once it has committed."""
+        calls :meth:`after_commit` once it has committed."""
         if not batch:
             return []
+        hasher = self._hasher
+        if hasher is None and not self._warned_unkeyed:
+            self._warned_unkeyed = True
+            logger.warning(
+                "audit store has no key: records are chained with plain SHA-256, which anyone can "
+                "recompute, and verification will report the chain as unverifiable"
+            )
         seq, prev_hash = self._lock_head(connection)
         stored: list[StoredAuditRecord] = []
         rows: list[dict[str, Any]] = []
         for record in batch:
             seq += 1
-            digest = chain_hash(prev_hash, seq, record)
+            payload = chain_payload(prev_hash, seq, record)
+            digest = hasher.hexdigest(payload) if hasher is not None else hashlib.sha256(payload).hexdigest()
+            if seq == 1:
+                self._chain_id = digest
             values = {name: getattr(record, name) for name in _HASHED_FIELDS}
             # Already validated as an AuditRecord; re-validating 500 records per batch is pure cost.
             stored.append(
@@ -286,7 +402,77 @@ class AuditStore:
         )
         return stored
 
-    def notify(self, records: Sequence[AuditRecord]) -> None:
+    def after_commit(self, records: Sequence[AuditRecord], stored: Sequence[StoredAuditRecord]) -> None:
+        """What follows a committed append: anchor the head when one is due, then tell the observers."""
+        if stored:
+            last = stored[-1]
+            self._last_appended_seq = last.seq
+            self._maybe_anchor(last.seq, last.hash)
+        self._notify(records)
+
+    # -- anchoring ----------------------------------------------------------------------------------
+
+    def _maybe_anchor(self, seq: int, head_hash: str) -> None:
+        if self._anchors is None or self._key is None:
+            return
+        with self._anchor_lock:
+            now = self._monotonic()
+            last = self._last_anchor
+            due = (
+                last is None
+                or seq - last[0] >= self._anchor_every_records
+                or now - last[1] >= self._anchor_every_seconds
+            )
+            if not due or (last is not None and seq <= last[0]):
+                return
+            self._write_anchor(seq, head_hash, now)
+
+    def anchor(self, *, only_if_behind: bool = False) -> Anchor | None:
+        """Anchor the current chain head now (e.g. at the end of a task); None without a key, an anchor
+        location or records. With ``only_if_behind``, only if this process appended records since its last
+        anchor. Never raises: a failed anchor is logged, the governed work goes on."""
+        if self._anchors is None or self._key is None:
+            return None
+        if only_if_behind:
+            last = self._last_anchor
+            if self._last_appended_seq is None or (last is not None and last[0] >= self._last_appended_seq):
+                return None
+        try:
+            with read_transaction(self._engine) as connection:
+                head = connection.execute(
+                    select(audit_head_table.c.seq, audit_head_table.c.hash).where(
+                        audit_head_table.c.id == _HEAD_ID
+                    )
+                ).first()
+        except Exception:
+            logger.exception("could not read the audit chain head to anchor it")
+            return None
+        if head is None or int(head.seq) == 0:
+            return None
+        with self._anchor_lock:
+            return self._write_anchor(int(head.seq), str(head.hash), self._monotonic())
+
+    def _write_anchor(self, seq: int, head_hash: str, now: float) -> Anchor | None:
+        assert self._anchors is not None and self._key is not None
+        try:
+            chain_id = self.chain_id
+            if chain_id is None:  # pragma: no cover - an anchored seq always has a first record
+                return None
+            anchor = Anchor.make(self._key, chain_id, seq, head_hash, utc_now())
+            self._anchors.write(chain_id, anchor)
+        except Exception:
+            # The record itself is committed; a missing anchor shows up as a verification finding.
+            logger.exception("could not write the audit chain anchor to %s", self._anchors.location)
+            return None
+        self._last_anchor = (seq, now)
+        # The task log is a second copy outside the database.
+        logger.info(
+            "audit chain anchored: chain %s seq %d head %s at %s (%s)",
+            chain_id[:16], seq, head_hash, anchor.time.isoformat(), self._anchors.describe(chain_id),
+        )  # fmt: skip
+        return anchor
+
+    def _notify(self, records: Sequence[AuditRecord]) -> None:
         # After the commit: observers see only what is really in the trail, and their failures (a metrics
         # backend down, a tracing bug) must never undo or fail the governed action.
         for observer in self.observers:
@@ -308,7 +494,23 @@ class AuditStore:
     # -- verification -----------------------------------------------------------------------------
 
     def verify(self) -> ChainVerification:
-        """Walk the whole chain in seq order, in chunks, and report the first inconsistency."""
+        """Walk the whole chain in seq order, in chunks, check it against the anchors, and report the first
+        inconsistency (see :class:`ChainVerification` for what each status means)."""
+        hasher = self._hasher
+        anchors: list[Anchor] = []
+        anchor_problem: str | None = None
+        unreadable = 0
+        chain_id = self.chain_id
+        if self._anchors is not None and hasher is not None and chain_id is not None:
+            # Anchors first: every anchor read now was written after its records committed, so the
+            # database snapshot taken below must reach it.
+            try:
+                found = self._anchors.read(chain_id)
+                anchors, unreadable = found.anchors, found.unreadable
+            except Exception as error:
+                anchor_problem = f"cannot read the anchors at {self._anchors.location}: {error}"
+        anchor_seqs = {anchor.seq for anchor in anchors}
+        hashes_at_anchors: dict[int, str] = {}
         with read_transaction(self._engine) as connection:
             head = connection.execute(
                 select(audit_head_table.c.seq, audit_head_table.c.hash).where(
@@ -319,14 +521,26 @@ class AuditStore:
             checked = 0
             prev_seq, prev_hash = 0, GENESIS_HASH
 
-            def result(first_bad_seq: int | None, problem: str | None) -> ChainVerification:
+            def result(
+                first_bad_seq: int | None, problem: str | None, status: ChainStatusName | None = None
+            ) -> ChainVerification:
+                final = status or ("ok" if problem is None else "broken")
                 return ChainVerification(
-                    ok=problem is None,
+                    ok=final == "ok",
+                    status=final,
                     records_checked=checked,
                     first_bad_seq=first_bad_seq,
                     problem=problem,
                     head_seq=head_seq,
                     head_hash=head_hash,
+                    key_id=self._key.key_id if self._key is not None else None,
+                    anchors_checked=len(anchors),
+                    newest_anchor_seq=anchors[-1].seq if anchors else None,
+                    anchor_location=(
+                        self._anchors.describe(chain_id)
+                        if self._anchors is not None and chain_id is not None
+                        else None
+                    ),
                 )
 
             # Only rows up to the head read above: later rows belong to appends that committed since.
@@ -341,8 +555,12 @@ class AuditStore:
                     return result(
                         seq, f"prev_hash at seq {seq} does not match seq {prev_seq} (rows reordered)"
                     )
-                if chain_hash(row["prev_hash"], seq, _record_from_row(row)) != row["hash"]:
-                    return result(seq, f"hash mismatch at seq {seq} (row edited)")
+                if hasher is not None:
+                    payload = chain_payload(row["prev_hash"], seq, _record_from_row(row))
+                    if not hasher.matches(payload, row["hash"]):
+                        return result(seq, _hash_mismatch(seq, payload, row["hash"]))
+                if seq in anchor_seqs:
+                    hashes_at_anchors[seq] = row["hash"]
                 checked += 1
                 prev_seq, prev_hash = seq, row["hash"]
 
@@ -363,7 +581,46 @@ class AuditStore:
                 return result(
                     int(beyond_head), f"row at seq {beyond_head} lies beyond the chain head (row inserted)"
                 )
-            return result(None, None)
+
+        if hasher is None or self._key is None:
+            return result(
+                None,
+                "cannot verify: no audit key is configured, so the record hashes cannot be checked "
+                "(anyone can recompute an unkeyed chain)",
+                "unverifiable",
+            )
+        if anchor_problem is not None:
+            return result(None, anchor_problem, "unanchored")
+        for anchor in anchors:
+            assert chain_id is not None
+            if not anchor.authentic(self._key, chain_id):
+                other = "" if anchor.key_id == self._key.key_id else f" (key id {anchor.key_id})"
+                return result(
+                    anchor.seq,
+                    f"the anchor of seq {anchor.seq} at {anchor.time.isoformat()} is not authentic: forged, "
+                    f"edited, or written with another key{other}",
+                )
+            if anchor.seq > head_seq:
+                return result(
+                    head_seq + 1,
+                    f"an anchor says the chain reached seq {anchor.seq} (hash {anchor.hash[:16]}...) at "
+                    f"{anchor.time.isoformat()}, but it now ends at seq {head_seq}: records were cut off "
+                    "the end and the head moved back",
+                )
+            if hashes_at_anchors.get(anchor.seq) != anchor.hash:
+                return result(anchor.seq, f"hash of seq {anchor.seq} differs from its anchor (row replaced)")
+        if unreadable:
+            return result(None, f"{unreadable} anchor entries could not be read (edited or corrupted)")
+        if head_seq > 0 and not anchors:
+            where = "no anchor location is configured"
+            if self._anchors is not None:
+                where = f"no anchor found at {self._anchors.describe(chain_id or '<no store id>')}"
+            return result(
+                None,
+                f"not anchored: {where}, so records cut off the end of the chain could go unnoticed",
+                "unanchored",
+            )
+        return result(None, None)
 
     # -- reading ----------------------------------------------------------------------------------
 
@@ -447,6 +704,16 @@ class AuditStore:
             if len(rows) < chunk:
                 return
             last_seq = int(rows[-1]["seq"])
+
+
+def _hash_mismatch(seq: int, payload: bytes, stored_hash: str) -> str:
+    if hashlib.sha256(payload).hexdigest() == stored_hash:
+        return (
+            f"hash at seq {seq} is a plain SHA-256, not the HMAC of this deployment's key: the chain was "
+            "written without the key (by an older version or a store without a key) or recomputed by "
+            "someone who does not have it"
+        )
+    return f"hash mismatch at seq {seq} (row edited, or the chain was written with another key)"
 
 
 def _filter_conditions(

@@ -33,7 +33,9 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
-from governed_ai.core.audit import AuditStore, ChainVerification, Decision, audit_table
+from governed_ai.core.audit import GENESIS_HASH, AuditStore, ChainVerification, Decision, audit_table
+from governed_ai.core.audit_anchors import AnchorLog
+from governed_ai.core.keys import DeploymentKey
 from governed_ai.core.ledger import BudgetLedger, budget_totals_table, micros_to_usd
 from governed_ai.core.sqlstore import as_utc, read_transaction, utc_now
 
@@ -322,13 +324,16 @@ class AuditViews:
     """Summaries of one governance store (the database the audit trail and budget ledger live in).
 
     ``verify_max_age_seconds``: :meth:`chain_status` walks and hashes the whole chain, so its result is
-    reused for this long (0 recomputes every time; ``refresh=True`` forces it).
+    reused for this long (0 recomputes every time; ``refresh=True`` forces it). ``key`` and ``anchors`` are
+    what the chain is checked with; without them the status can never be ``ok``.
     """
 
     def __init__(
         self,
         engine: Engine,
         *,
+        key: DeploymentKey | None = None,
+        anchors: AnchorLog | None = None,
         verify_max_age_seconds: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -337,7 +342,7 @@ class AuditViews:
         self._engine = engine
         # Constructing the store and the ledger creates their tables when missing, so an empty store reads
         # as "no activity" rather than failing.
-        self.audit = AuditStore(engine)
+        self.audit = AuditStore(engine, key=key, anchors=anchors)
         BudgetLedger(engine)
         self._verify_max_age = verify_max_age_seconds
         self._clock = clock
@@ -559,7 +564,18 @@ class AuditViews:
             now = self._clock()
             if not refresh and self._verified is not None and now - self._verified[0] < self._verify_max_age:
                 return self._verified[1]
-            result = self.audit.verify()
+            try:
+                result = self.audit.verify()
+            except Exception as error:
+                # A page must never show "verified" because the check itself could not run.
+                result = ChainVerification(
+                    ok=False,
+                    status="error",
+                    records_checked=0,
+                    problem=f"verification failed: {type(error).__name__}: {error}",
+                    head_seq=0,
+                    head_hash=GENESIS_HASH,
+                )
             status = ChainStatus(**result.model_dump(), checked_at=utc_now())
             self._verified = (self._clock(), status)
             return status

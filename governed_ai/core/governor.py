@@ -20,7 +20,7 @@ from governed_ai.core.journal import sha256_digest
 from governed_ai.core.ledger import BudgetKey, BudgetLedger
 from governed_ai.core.policy import Decision, PolicyEngine
 from governed_ai.core.policy import RedactionSettings as PolicyRedaction
-from governed_ai.core.redaction import RedactionSettings, Redactor
+from governed_ai.core.redaction import RedactionSettings, Redactor, report_secrets
 from governed_ai.core.sqlstore import utc_now
 from governed_ai.core.subject import Subject
 
@@ -49,6 +49,8 @@ class Governor:
     own secrets masker, which knows every connection password and sensitive variable of the task).
     ``digest`` turns key material (task instance, item keys, request bodies) into what the journal and the
     audit trail store: the deployment's keyed digest when one is configured.
+    ``on_secret_found`` is called with each secret value the redactor finds (the governance hook registers
+    them with Airflow's masker, so task logs and rendered fields hide them too).
     """
 
     policy: EngineSource
@@ -56,6 +58,7 @@ class Governor:
     audit: AuditStore
     mask: Callable[[str], str] = field(default=lambda text: text)
     digest: Callable[[str], str] = sha256_digest
+    on_secret_found: Callable[[str], None] | None = None
     clock: Callable[[], datetime] = utc_now
     _redactors: dict[tuple[Any, ...], Redactor] = field(default_factory=dict, init=False, repr=False)
 
@@ -73,10 +76,12 @@ class Governor:
 
     def redact_text(self, text: str, settings: PolicyRedaction) -> tuple[str, int]:
         result = self.redactor_for(settings).redact(text)
+        if self.on_secret_found is not None:
+            report_secrets(text, result, self.on_secret_found)
         return self.mask(result.text), len(result.findings)
 
     def redact_obj(self, obj: Any, settings: PolicyRedaction) -> tuple[Any, int]:
-        detailed = self.redactor_for(settings).redact_obj_detailed(obj)
+        detailed = self.redactor_for(settings).redact_obj_detailed(obj, on_secret=self.on_secret_found)
         return _mask_obj(detailed.value, self.mask), len(detailed.findings)
 
     # -- decisions and records ---------------------------------------------------------------------------

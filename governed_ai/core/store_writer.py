@@ -106,7 +106,7 @@ class StoreWriter:
         records = [record for pending in group for record in pending.records]
         try:
             with write_transaction(self._audit.engine) as connection:
-                self._audit.append_in(connection, records)  # first: nothing journaled is unaudited
+                stored = self._audit.append_in(connection, records)  # first: nothing journaled is unaudited
                 apply_steps(connection, [step for pending in group for step in pending.steps])
             self.commits += 1
             self.records_written += len(records)
@@ -114,7 +114,7 @@ class StoreWriter:
             log.warning("governance store write failed for %d step(s): %s", len(group), failed)
             error = failed
         if error is None and records:
-            self._audit.notify(records)
+            self._audit.after_commit(records, stored)
         waiting: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
         for pending in group:
             if isinstance(pending.done, concurrent.futures.Future):

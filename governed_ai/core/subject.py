@@ -21,8 +21,10 @@ class Subject(BaseModel):
     map_index: int = -1
     owner: str = "airflow"
     tags: frozenset[str] = Field(default_factory=frozenset)
-
-    @property
-    def team_keys(self) -> frozenset[str]:
-        """Keys a team budget can be scoped by: the owner and every tag."""
-        return frozenset({f"owner:{self.owner}", *(f"tag:{t}" for t in self.tags)})
+    bundle: str | None = Field(
+        default=None,
+        description=(
+            "the DAG bundle the DAG was loaded from: set by the deployment (bundle configuration), not by "
+            "DAG code, unlike dag_id, owner and tags; None when Airflow could not say"
+        ),
+    )

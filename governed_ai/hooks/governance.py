@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+import logging
 import threading
+from collections.abc import Callable
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -10,11 +13,13 @@ from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import AirflowNotFoundException
 from pydantic import BaseModel, ConfigDict
 
-from governed_ai.core.audit import AuditStore
+from governed_ai.core.audit import ANCHOR_EVERY_RECORDS, ANCHOR_EVERY_SECONDS, AuditStore
+from governed_ai.core.audit_anchors import AnchorLog
 from governed_ai.core.client import GovernedClient
 from governed_ai.core.governor import EngineSource, FixedPolicy, Governor
+from governed_ai.core.keys import DeploymentKey, load_or_create_key_file, read_key_file
 from governed_ai.core.ledger import BudgetLedger
-from governed_ai.core.paths import default_store_url
+from governed_ai.core.paths import default_store_url, provider_home
 from governed_ai.core.policy import PolicyEngine, PolicyProvider
 from governed_ai.core.sqlstore import create_store_engine
 from governed_ai.core.subject import Subject
@@ -23,18 +28,26 @@ from governed_ai.hooks.llm import LLMHook
 from governed_ai.hooks.observers import default_observers
 
 if TYPE_CHECKING:
-    from airflow.sdk import Context
+    from airflow.sdk import Connection, Context
 
 CONFIG_SECTION = "governed_ai"
+JOURNAL_DIGEST_PURPOSE = "journal-and-item-keys"
 NO_POLICY = (
     "No governance policy is configured, so every AI call is denied (fail-closed). Set [governed_ai] "
     "policy_path (env AIRFLOW__GOVERNED_AI__POLICY_PATH) to a policy YAML file, or create the "
     "'governed_ai_governance_default' connection with a policy_path or policy_yaml extra."
 )
 
+_TASK_LOG = logging.getLogger("airflow.task.governed_ai.audit")
+
+#: Connection extra that may hold the audit key (the connection's password field is the other place).
+AUDIT_KEY_EXTRA = "audit_key"
+#: The single-machine fallback key file, under ``$AIRFLOW_HOME/governed_ai/``.
+DEV_KEY_FILE = "audit.key"
+
 # One Governor per (policy, store) per process: the policy's hot-reload state and the database engine
 # are shared by every task a worker runs, instead of being rebuilt for each call.
-_GOVERNORS: dict[tuple[str, str, str], Governor] = {}
+_GOVERNORS: dict[tuple[str, ...], Governor] = {}
 _GOVERNORS_LOCK = threading.Lock()
 
 
@@ -47,16 +60,26 @@ class GovernanceSettings(BaseModel):
     policy_yaml: str | None = None
     store_url: str | None = None
     policy_check_interval_seconds: float = 5.0
+    audit_anchor_path: str | None = None
+    audit_anchor_every_records: int = ANCHOR_EVERY_RECORDS
+    audit_anchor_every_seconds: float = ANCHOR_EVERY_SECONDS
 
 
 class GovernanceHook(BaseHook):
     """Authorizes, budgets, redacts and audits every governed call of a task.
 
     Settings come from the ``governed_ai_governance`` connection (extras ``policy_path``,
-    ``policy_yaml``, ``store_url``) when it exists, else from the ``[governed_ai]`` config section
-    (``policy_path``, ``store_url``, ``policy_check_interval_seconds``). With no policy at all, every call
-    is denied. The store defaults to a SQLite file under ``$AIRFLOW_HOME/governed_ai/``; set a PostgreSQL
-    URL when several workers share it.
+    ``policy_yaml``, ``store_url``, ``audit_anchor_path``) when it exists, else from the ``[governed_ai]``
+    config section (``policy_path``, ``store_url``, ``policy_check_interval_seconds``,
+    ``audit_anchor_path``, ``audit_anchor_every_records``, ``audit_anchor_every_seconds``). With no policy at
+    all, every call is denied. The store defaults to a SQLite file under ``$AIRFLOW_HOME/governed_ai/``; set
+    a PostgreSQL URL when several workers share it.
+
+    The audit chain's key (:meth:`audit_key`) never comes from the governance database: the connection's
+    password or ``audit_key`` extra, else ``[governed_ai] audit_hmac_key`` (which Airflow also reads from
+    ``audit_hmac_key_cmd``, ``audit_hmac_key_secret`` and secrets backends), else, on a single machine, a
+    key file created on first use. Anchors of the chain head go to ``audit_anchor_path`` (a local
+    directory or an object-storage URL), by default ``$AIRFLOW_HOME/governed_ai/anchors/``.
 
     :param governance_conn_id: Connection of type ``governed_ai_governance`` (optional).
     """
@@ -70,6 +93,12 @@ class GovernanceHook(BaseHook):
         super().__init__(**kwargs)
         self.governance_conn_id = governance_conn_id
 
+    def _connection(self) -> Connection | None:
+        try:
+            return self.get_connection(self.governance_conn_id)
+        except AirflowNotFoundException:
+            return None
+
     @cached_property
     def settings(self) -> GovernanceSettings:
         from airflow.configuration import conf
@@ -80,11 +109,18 @@ class GovernanceHook(BaseHook):
             "policy_check_interval_seconds": conf.getfloat(
                 CONFIG_SECTION, "policy_check_interval_seconds", fallback=5.0
             ),
+            "audit_anchor_path": conf.get(CONFIG_SECTION, "audit_anchor_path", fallback=None),
+            "audit_anchor_every_records": conf.getint(
+                CONFIG_SECTION, "audit_anchor_every_records", fallback=ANCHOR_EVERY_RECORDS
+            ),
+            "audit_anchor_every_seconds": conf.getfloat(
+                CONFIG_SECTION, "audit_anchor_every_seconds", fallback=ANCHOR_EVERY_SECONDS
+            ),
         }
-        try:
-            extra = extra_fields(self.get_connection(self.governance_conn_id), self.conn_type)
-        except AirflowNotFoundException:
-            extra = {}
+        connection = self._connection()
+        extra = extra_fields(connection, self.conn_type) if connection is not None else {}
+        # The key is a secret: it is read by audit_key(), never kept in the (loggable) settings.
+        extra.pop(AUDIT_KEY_EXTRA, None)
         from_connection = {key: value for key, value in extra.items() if value not in (None, "")}
         if "policy_yaml" in from_connection and "policy_path" not in from_connection:
             # An inline policy in the connection replaces the configured file, it does not merge with it.
@@ -92,11 +128,59 @@ class GovernanceHook(BaseHook):
         fields.update(from_connection)
         return GovernanceSettings.model_validate({k: v for k, v in fields.items() if v not in (None, "")})
 
+    def audit_key(self, *, create_dev_key: bool = True) -> DeploymentKey | None:
+        """The deployment key of the audit chain, from the first place that has one: the governance
+        connection (password, or the ``audit_key`` extra), ``[governed_ai] audit_hmac_key`` (and its
+        ``_cmd``/``_secret`` forms and secrets backends, through Airflow's config), the key file
+        ``$AIRFLOW_HOME/governed_ai/audit.key``. With ``create_dev_key`` the key file is created when
+        nothing else is configured (a warning says that several workers need a shared key instead);
+        otherwise None is returned, and verification reports that it cannot verify."""
+        from airflow.configuration import conf
+
+        connection = self._connection()
+        if connection is not None:
+            extra = extra_fields(connection, self.conn_type)
+            for source, value in (
+                (
+                    f"connection {self.governance_conn_id} ({AUDIT_KEY_EXTRA} extra)",
+                    extra.get(AUDIT_KEY_EXTRA),
+                ),
+                (f"connection {self.governance_conn_id} (password)", connection.password),
+            ):
+                if isinstance(value, str) and value.strip():
+                    return DeploymentKey.from_text(value, source=source)
+        configured = conf.get(CONFIG_SECTION, "audit_hmac_key", fallback=None)
+        if configured and configured.strip():
+            return DeploymentKey.from_text(configured, source=f"[{CONFIG_SECTION}] audit_hmac_key")
+        path = provider_home() / DEV_KEY_FILE
+        return load_or_create_key_file(path) if create_dev_key else read_key_file(path)
+
+    def anchor_log(self) -> AnchorLog:
+        """Where the audit chain head is anchored: ``audit_anchor_path`` (a local directory, or an
+        object-storage URL read through Airflow's ``ObjectStoragePath``), by default
+        ``$AIRFLOW_HOME/governed_ai/anchors/``."""
+        location = self.settings.audit_anchor_path
+        if not location:
+            return AnchorLog(provider_home() / "anchors")
+        if "://" in location and not location.startswith("file://"):
+            from airflow.sdk import ObjectStoragePath
+
+            return AnchorLog(ObjectStoragePath(location))
+        return AnchorLog(location.removeprefix("file://"))
+
     @cached_property
     def governor(self) -> Governor:
         s = self.settings
         store_url = s.store_url or default_store_url()
-        key = (s.policy_path or "", s.policy_yaml or "", store_url)
+        audit_key = self.audit_key()
+        anchors = self.anchor_log()
+        key = (
+            s.policy_path or "",
+            s.policy_yaml or "",
+            store_url,
+            audit_key.key_id if audit_key is not None else "",
+            anchors.location,
+        )
         with _GOVERNORS_LOCK:
             if key not in _GOVERNORS:
                 policy: EngineSource
@@ -114,9 +198,21 @@ class GovernanceHook(BaseHook):
                 _GOVERNORS[key] = Governor(
                     policy=policy,
                     ledger=BudgetLedger(engine),
-                    audit=AuditStore(engine, observers=default_observers()),
+                    audit=AuditStore(
+                        engine,
+                        observers=default_observers(),
+                        key=audit_key,
+                        anchors=anchors,
+                        anchor_every_records=s.audit_anchor_every_records,
+                        anchor_every_seconds=s.audit_anchor_every_seconds,
+                    ),
                     mask=_airflow_mask,
+                    on_secret_found=register_secret_with_airflow,
                 )
+                if audit_key is not None:
+                    # Journal keys and item digests keyed too: not even a digest of an e-mail address
+                    # used as an item key can be looked up by guessing.
+                    _GOVERNORS[key].digest = audit_key.hasher(JOURNAL_DIGEST_PURPOSE).digest_text
             return _GOVERNORS[key]
 
     def get_conn(self) -> Governor:
@@ -172,6 +268,7 @@ class GovernanceHook(BaseHook):
             map_index=-1 if map_index is None else int(map_index),
             owner=owner,
             tags=frozenset(getattr(dag, "tags", None) or ()),
+            bundle=bundle_of(ti),
         )
 
     def test_connection(self) -> tuple[bool, str]:
@@ -179,6 +276,122 @@ class GovernanceHook(BaseHook):
         if engine.load_error:
             return False, f"Policy does not load (every call is denied): {engine.load_error}"
         return True, f"Policy {engine.source} loaded (digest {engine.digest[:12]})."
+
+
+def bundle_of(ti: Any) -> str | None:
+    """The name of the DAG bundle the running task instance's DAG was loaded from, or None.
+
+    A worker gets it from the workload the scheduler sent (``ti.bundle_instance``); under ``dag.test()``
+    that is not set, and the DAG's record on the API server (``ti.get_dag``: the bundle the DAG processor
+    parsed it from) says. Both come from the deployment's bundle configuration, not from DAG code.
+    """
+    bundle = getattr(ti, "bundle_instance", None)
+    name = getattr(bundle, "name", None)
+    if isinstance(name, str) and name:
+        return name
+    get_dag = getattr(ti, "get_dag", None)
+    if get_dag is None:
+        return None
+    try:
+        name = get_dag(ti.dag_id).bundle_name
+    except Exception:  # not in a task process (unit tests with a fake task instance), or an older Airflow
+        return None
+    return name if isinstance(name, str) and name else None
+
+
+def anchor_audit_chains() -> int:
+    """Anchor the head of every audit chain this process appended to since its last anchor; returns how
+    many anchors were written. Called when a task instance ends (see :mod:`governed_ai.plugins.listener`),
+    so each task's records are covered by an anchor outside the database and a line in its log."""
+    with _GOVERNORS_LOCK:
+        governors = list(_GOVERNORS.values())
+    written = 0
+    for governor in governors:
+        anchor = governor.audit.anchor(only_if_behind=True)
+        if anchor is None:
+            continue
+        written += 1
+        location = (
+            governor.audit.anchors.describe(governor.audit.chain_id or "") if governor.audit.anchors else ""
+        )
+        # Under airflow.task, so the line lands in the task log: a copy of the head outside the database.
+        _TASK_LOG.info(
+            "audit chain anchored: seq %d head %s at %s (%s)",
+            anchor.seq, anchor.hash, anchor.time.isoformat(), location,
+        )  # fmt: skip
+    return written
+
+
+def register_secret_with_airflow(value: str) -> None:
+    """Tell Airflow's secrets masker about a secret the redactor found, so the task log and the rendered
+    template fields show ``***`` instead (in this process and, inside a task, in its supervisor); and
+    have Airflow store the task's rendered fields again when it ends, now masked, since they were first
+    stored before the secret was known."""
+    mask = _airflow_mask_secret()
+    if mask is None:  # pragma: no cover - an Airflow without a masker API
+        return
+    mask(value)
+    try:
+        from airflow.sdk import get_current_context
+
+        task: Any = get_current_context()["task"]
+        task.overwrite_rtif_after_execution = True
+    except Exception:  # not inside a running task (a test calling the governor directly, a CLI)
+        pass
+
+
+def _airflow_mask_secret() -> Callable[[str], None] | None:
+    # Airflow 3.1-3.3 expose it as airflow.sdk.log.mask_secret; older task SDK layouts had it elsewhere.
+    for module, name in (
+        ("airflow.sdk.log", "mask_secret"),
+        ("airflow.sdk.execution_time.secrets_masker", "mask_secret"),
+    ):
+        try:
+            found: Callable[[str], None] = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+        return found
+    return None
+
+
+def register_secrets_in_rendered_fields(task_instance: Any) -> int:
+    """Scan the rendered template fields of a governed operator that is about to run, register every
+    secret the policy's redactor finds with Airflow's masker, and store the rendered fields again, masked.
+
+    Airflow stores a task's rendered fields before ``execute`` runs, i.e. before governance sees them;
+    this runs right after that (from the task-instance listener), so a secret typed into a prompt is masked
+    in the UI's rendered view and in every later log line. Returns how many secrets were found.
+    """
+    task = task_instance.task
+    if not type(task).__module__.startswith("governed_ai."):
+        return 0
+    fields = {name: getattr(task, name, None) for name in getattr(task, "template_fields", ())}
+    hook = GovernanceHook(
+        governance_conn_id=getattr(task, "governance_conn_id", GovernanceHook.default_conn_name)
+    )
+    governor = hook.governor
+    subject = hook.subject_from_context(task_instance.get_template_context())
+    redactor = governor.redactor_for(governor.engine().redaction_for(subject))
+    found: list[str] = []
+    redactor.redact_obj_detailed(fields, on_secret=found.append)
+    for value in found:
+        register_secret_with_airflow(value)
+    if found:
+        task.overwrite_rtif_after_execution = True
+        _store_rendered_fields_again(task)
+    return len(found)
+
+
+def _store_rendered_fields_again(task: Any) -> None:
+    # Internal task-runner API (3.1-3.3): send the (now masked) rendered fields at once. If it moves, the
+    # overwrite at the end of the task (overwrite_rtif_after_execution) still replaces them.
+    try:
+        from airflow.sdk.execution_time.comms import SetRenderedFields
+        from airflow.sdk.execution_time.task_runner import SUPERVISOR_COMMS, _serialize_rendered_fields
+
+        SUPERVISOR_COMMS.send(SetRenderedFields(rendered_fields=_serialize_rendered_fields(task)))
+    except Exception:
+        logging.getLogger(__name__).debug("could not store the masked rendered fields now", exc_info=True)
 
 
 def _airflow_mask(text: str) -> str:

@@ -78,8 +78,18 @@ class _StoreViews:
     def get(self) -> AuditViews:
         with self._lock:
             if self._views is None:
+                from governed_ai.hooks.governance import GovernanceHook
+
                 engine = create_store_engine(self.store_url)
-                self._views = AuditViews(engine, verify_max_age_seconds=self._verify_max_age_seconds)
+                hook = GovernanceHook()
+                # Never create a key here: a key the writers do not share could not verify anything, and
+                # without one the page says "not verified".
+                self._views = AuditViews(
+                    engine,
+                    key=hook.audit_key(create_dev_key=False),
+                    anchors=hook.anchor_log(),
+                    verify_max_age_seconds=self._verify_max_age_seconds,
+                )
             return self._views
 
 

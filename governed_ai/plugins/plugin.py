@@ -14,6 +14,7 @@ from typing import Any
 
 from airflow.plugins_manager import AirflowPlugin
 
+from governed_ai.plugins import listener
 from governed_ai.plugins.links import AuditRecordsLink
 from governed_ai.plugins.urls import (
     DAG_ROUTE,
@@ -81,6 +82,7 @@ class GovernedAIPlugin(AirflowPlugin):
     - "AI governance" under Browse, and an "AI audit" tab on DAGs, DAG runs, tasks and task instances
       that opens the page filtered to them.
     - :class:`AuditRecordsLink`, the extra link the AI operators declare.
+    - :mod:`governed_ai.plugins.listener`, which anchors the audit chain head when a task ends.
     """
 
     name = "governed_ai"
@@ -119,3 +121,5 @@ class GovernedAIPlugin(AirflowPlugin):
         },
     ]
     operator_extra_links = [AuditRecordsLink()]
+    # Anchors the audit chain head at the end of every task instance that wrote to it.
+    listeners = [listener]

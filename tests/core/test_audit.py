@@ -19,9 +19,14 @@ from governed_ai.core.audit import (
     AuditStore,
     StoredAuditRecord,
     chain_hash,
+    unkeyed_chain_hash,
 )
+from governed_ai.core.audit_anchors import AnchorLog
+from governed_ai.core.keys import DeploymentKey
 from governed_ai.core.sqlstore import create_store_engine
 from governed_ai.core.subject import Subject
+
+KEY = DeploymentKey.from_text("test-deployment-key-0123456789abcdef", source="test")
 
 T0 = datetime(2026, 11, 25, 8, 0, tzinfo=UTC)
 SUBJECT = Subject(dag_id="support_triage", task_id="classify", run_id="scheduled__2026-11-25", try_number=2)
@@ -48,8 +53,13 @@ def model_call(i: int, **fields: Any) -> AuditRecord:
 
 
 @pytest.fixture
-def store(store_engine: Engine) -> AuditStore:
-    return AuditStore(store_engine)
+def anchors(tmp_path: Path) -> AnchorLog:
+    return AnchorLog(tmp_path / "anchors")
+
+
+@pytest.fixture
+def store(store_engine: Engine, anchors: AnchorLog) -> AuditStore:
+    return AuditStore(store_engine, key=KEY, anchors=anchors)
 
 
 def filled(store: AuditStore, n: int) -> list[StoredAuditRecord]:
@@ -67,7 +77,7 @@ def test_appended_records_come_back_with_their_place_in_the_chain(store: AuditSt
     assert first.prev_hash == GENESIS_HASH
     assert second.prev_hash == first.hash
     assert second.hash == chain_hash(
-        first.hash, 2, model_call(1, decision="deny", outcome="denied", rule="no-pii")
+        first.hash, 2, model_call(1, decision="deny", outcome="denied", rule="no-pii"), KEY
     )
 
     newest, oldest = store.query()
@@ -117,14 +127,14 @@ def test_export_jsonl_streams_matching_records_that_rehash_outside_the_database(
     assert store.export_jsonl(target) == 31
     lines = [json.loads(line) for line in target.read_text(encoding="utf-8").splitlines()]
     assert [line["seq"] for line in lines] == list(range(1, 32))
-    # An auditor can re-check the chain from the export alone.
+    # An auditor with the key can re-check the chain from the export alone.
     prev = GENESIS_HASH
     for line in lines:
         record = AuditRecord.model_validate(
             {k: v for k, v in line.items() if k not in ("seq", "prev_hash", "hash")}
         )
         assert line["prev_hash"] == prev
-        assert chain_hash(prev, line["seq"], record) == line["hash"]
+        assert chain_hash(prev, line["seq"], record, KEY) == line["hash"]
         prev = line["hash"]
 
     buffer = io.StringIO()
@@ -166,7 +176,7 @@ def test_editing_a_row_is_detected(store: AuditStore, store_engine: Engine) -> N
     result = store.verify()
     assert not result.ok
     assert result.first_bad_seq == 17
-    assert result.problem == "hash mismatch at seq 17 (row edited)"
+    assert result.problem == "hash mismatch at seq 17 (row edited, or the chain was written with another key)"
     assert result.records_checked == 16
 
 
@@ -265,6 +275,134 @@ def test_appending_after_tampering_keeps_the_tamper_visible(store: AuditStore, s
     assert (result.ok, result.first_bad_seq) == (False, 3)
 
 
+# -- keyed chain and anchors: what someone with write access to the database cannot hide ---------------------
+
+
+def _rewrite_chain(engine: Engine, store: AuditStore, rehash: Any) -> None:
+    """Recompute every row's hashes with ``rehash(prev, seq, record)`` and move the head to match: what an
+    attacker with database access but without the key can do."""
+    prev = GENESIS_HASH
+    with engine.begin() as connection:
+        for record in store.query(limit=None, order="asc"):
+            new_hash = rehash(prev, record.seq, record)
+            connection.execute(
+                text("UPDATE governed_ai_audit SET prev_hash = :p, hash = :h WHERE seq = :s"),
+                {"p": prev, "h": new_hash, "s": record.seq},
+            )
+            prev = new_hash
+        connection.execute(text("UPDATE governed_ai_audit_head SET hash = :h"), {"h": prev})
+
+
+def _cut_tail_and_move_head(engine: Engine, keep: int) -> None:
+    with engine.begin() as connection:
+        kept_hash = connection.execute(
+            text("SELECT hash FROM governed_ai_audit WHERE seq = :s"), {"s": keep}
+        ).scalar_one()
+        connection.execute(text("DELETE FROM governed_ai_audit WHERE seq > :s"), {"s": keep})
+        connection.execute(
+            text("UPDATE governed_ai_audit_head SET seq = :s, hash = :h"), {"s": keep, "h": kept_hash}
+        )
+
+
+def test_a_keyed_chain_is_anchored_outside_the_database_and_verifies(
+    store_engine: Engine, anchors: AnchorLog, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = AuditStore(
+        store_engine, key=KEY, anchors=anchors, anchor_every_records=10, anchor_every_seconds=3600
+    )
+    with caplog.at_level("INFO", logger="governed_ai.core.audit"):
+        for start in range(0, 30, 10):
+            store.append_many(model_call(i) for i in range(start, start + 10))
+    assert store.chain_id is not None
+    assert [a.seq for a in anchors.read(store.chain_id).anchors] == [10, 20, 30]
+    # The task log holds a second copy of each anchor.
+    logged = [r.getMessage() for r in caplog.records if "audit chain anchored" in r.getMessage()]
+    assert len(logged) == 3 and store.tail(1)[0].hash in logged[-1]
+
+    result = store.verify()
+    assert (result.ok, result.status, result.problem) == (True, "ok", None)
+    assert (result.anchors_checked, result.newest_anchor_seq, result.key_id) == (3, 30, KEY.key_id)
+
+
+def test_truncating_the_tail_and_moving_the_head_fails_through_the_anchors(
+    store: AuditStore, store_engine: Engine
+) -> None:
+    filled(store, 30)  # one batch: anchored at seq 30
+    _cut_tail_and_move_head(store_engine, keep=25)
+
+    result = store.verify()
+    assert (result.ok, result.status, result.head_seq) == (False, "broken", 25)
+    assert result.problem is not None and "cut off the end and the head moved back" in result.problem
+    assert result.records_checked == 25  # the shorter chain itself is intact: only the anchor exposes it
+
+
+def test_a_chain_recomputed_with_the_unkeyed_hash_fails(store: AuditStore, store_engine: Engine) -> None:
+    filled(store, 12)
+    with store_engine.begin() as connection:
+        connection.execute(text("UPDATE governed_ai_audit SET content = 'rewritten' WHERE seq = 7"))
+    _rewrite_chain(store_engine, store, unkeyed_chain_hash)
+
+    result = store.verify()
+    assert (result.ok, result.status, result.first_bad_seq) == (False, "broken", 1)
+    assert result.problem is not None and "plain SHA-256" in result.problem
+
+
+def test_a_chain_recomputed_with_another_key_fails(store: AuditStore, store_engine: Engine) -> None:
+    filled(store, 12)
+    other = DeploymentKey.from_text("an-attackers-own-key-0123456789", source="attacker")
+    _rewrite_chain(store_engine, store, lambda prev, seq, record: chain_hash(prev, seq, record, other))
+
+    result = store.verify()
+    assert (result.ok, result.first_bad_seq) == (False, 1)
+    assert result.problem == "hash mismatch at seq 1 (row edited, or the chain was written with another key)"
+
+
+def test_without_the_key_the_chain_cannot_be_verified(store: AuditStore, store_engine: Engine) -> None:
+    filled(store, 5)
+    result = AuditStore(store_engine).verify()
+    assert (result.ok, result.status, result.records_checked) == (False, "unverifiable", 5)
+    assert result.problem is not None and result.problem.startswith("cannot verify")
+
+
+def test_without_anchors_a_keyed_chain_is_not_called_ok(
+    store: AuditStore, store_engine: Engine, anchors: AnchorLog
+) -> None:
+    filled(store, 5)
+    unanchored = AuditStore(store_engine, key=KEY).verify()
+    assert (unanchored.ok, unanchored.status) == (False, "unanchored")
+
+    assert store.chain_id is not None
+    Path(anchors.describe(store.chain_id)).unlink()  # the anchors removed
+    gone = store.verify()
+    assert (gone.ok, gone.status) == (False, "unanchored")
+    assert gone.problem is not None and "no anchor found" in gone.problem
+
+    assert store.anchor() is not None  # e.g. at the end of a task
+    assert store.verify().ok
+
+
+def test_a_forged_or_edited_anchor_is_not_authentic(store: AuditStore, anchors: AnchorLog) -> None:
+    filled(store, 5)
+    assert store.chain_id is not None
+    path = Path(anchors.describe(store.chain_id))
+    line = json.loads(path.read_text().splitlines()[0])
+    line["seq"] = 99  # claims a longer chain than there was
+    path.write_text(json.dumps(line) + "\n")
+
+    result = store.verify()
+    assert (result.ok, result.status) == (False, "broken")
+    assert result.problem is not None and "not authentic" in result.problem
+
+
+def test_an_empty_chain_verifies_and_an_unkeyed_store_still_writes(store_engine: Engine) -> None:
+    store = AuditStore(store_engine, key=KEY)
+    assert store.verify().ok and store.verify().records_checked == 0
+    unkeyed = AuditStore(store_engine)
+    unkeyed.append(model_call(0))
+    # What an unkeyed store wrote fails under the key: it could have been recomputed by anyone.
+    assert store.verify().status == "broken"
+
+
 # -- the record model ---------------------------------------------------------------------------------------
 
 
@@ -306,10 +444,10 @@ WRITER_PROCESSES = 6
 RECORDS_PER_WRITER = 120
 
 
-def _writer(url: str, worker: int, start: Any, results: Any) -> None:
+def _writer(url: str, anchor_dir: str, worker: int, start: Any, results: Any) -> None:
     engine = create_store_engine(url)
     try:
-        store = AuditStore(engine)
+        store = AuditStore(engine, key=KEY, anchors=AnchorLog(anchor_dir), anchor_every_records=50)
         start.wait()
         written = 0
         # Mix single appends and batches so both paths contend for the chain head.
@@ -331,14 +469,15 @@ def _writer(url: str, worker: int, start: Any, results: Any) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_concurrent_writer_processes_keep_one_linear_chain(store_url: str) -> None:
+def test_concurrent_writer_processes_keep_one_linear_chain(store_url: str, tmp_path: Path) -> None:
     engine = create_store_engine(store_url)
-    store = AuditStore(engine)
+    anchor_dir = str(tmp_path / "anchors")
+    store = AuditStore(engine, key=KEY, anchors=AnchorLog(anchor_dir))
     context = multiprocessing.get_context("spawn")
     start = context.Event()
     results = context.Queue()
     processes = [
-        context.Process(target=_writer, args=(store_url, worker, start, results))
+        context.Process(target=_writer, args=(store_url, anchor_dir, worker, start, results))
         for worker in range(WRITER_PROCESSES)
     ]
     for process in processes:
@@ -355,6 +494,8 @@ def test_concurrent_writer_processes_keep_one_linear_chain(store_url: str) -> No
     engine.dispose()
 
     assert result.ok, result.problem
+    # Every writer process anchored its first append at least; all those anchors agree with the chain.
+    assert result.anchors_checked >= WRITER_PROCESSES
     assert result.records_checked == total == len(everything)
     assert [r.seq for r in everything] == list(range(1, total + 1))
     # Every worker's records are all there, in that worker's own order.

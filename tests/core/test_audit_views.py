@@ -18,6 +18,7 @@ import pytest
 from sqlalchemy import Engine, update
 
 from governed_ai.core.audit import AuditRecord, AuditStore, StoredAuditRecord, audit_table
+from governed_ai.core.audit_anchors import AnchorLog
 from governed_ai.core.audit_views import (
     CONTENT_PREVIEW_CHARS,
     AuditFilter,
@@ -25,6 +26,7 @@ from governed_ai.core.audit_views import (
     RunSummary,
 )
 from governed_ai.core.governor import Governor
+from governed_ai.core.keys import DeploymentKey
 from governed_ai.core.ledger import BudgetKey, BudgetLedger
 from governed_ai.core.policy import PolicyProvider
 from governed_ai.core.pricing import PriceTable
@@ -32,6 +34,8 @@ from governed_ai.core.subject import Subject
 from tests.fakes.governed_calls import record_governed_call
 
 PRICES = PriceTable.from_mapping({"*": {"input_per_1m_tokens": 3.0, "output_per_1m_tokens": 15.0}})
+KEY = DeploymentKey.from_text("views-test-key-0123456789abcdef", source="test")
+
 POLICY = """
 version: 1
 rules:
@@ -64,8 +68,10 @@ def views(store_engine: Engine) -> Iterator[AuditViews]:
     yield AuditViews(store_engine, verify_max_age_seconds=0)
 
 
-def governor_for(engine: Engine) -> Governor:
-    return Governor(policy=PolicyProvider(text=POLICY), ledger=BudgetLedger(engine), audit=AuditStore(engine))
+def governor_for(engine: Engine, audit: AuditStore | None = None) -> Governor:
+    return Governor(
+        policy=PolicyProvider(text=POLICY), ledger=BudgetLedger(engine), audit=audit or AuditStore(engine)
+    )
 
 
 def call(governor: Governor, subject: Subject, model: str, fake: ScriptedModel, max_tokens: int = 20) -> None:
@@ -78,9 +84,9 @@ def call(governor: Governor, subject: Subject, model: str, fake: ScriptedModel, 
         fake.latencies.pop(0)
 
 
-def fill_through_governor(engine: Engine) -> None:
+def fill_through_governor(engine: Engine, audit: AuditStore | None = None) -> None:
     """Two runs of one DAG and one of another: allowed calls, a denied model and a budget stop."""
-    governor = governor_for(engine)
+    governor = governor_for(engine, audit)
     run_1 = Subject(dag_id="views_a", task_id="ask", run_id="run-1")
     fake = ScriptedModel(latencies=[30.0, 10.0, 20.0, 50.0, 5.0])
     for model in ("small", "small", "large"):
@@ -380,10 +386,13 @@ def test_budget_usage_per_period_with_history_and_fractions(store_engine, views)
 # -- chain -------------------------------------------------------------------------------------------------
 
 
-def test_chain_status_is_reused_for_a_while_and_sees_tampering_when_refreshed(store_engine):
+def test_chain_status_is_reused_for_a_while_and_sees_tampering_when_refreshed(store_engine, tmp_path):
     clock = [1000.0]
-    views = AuditViews(store_engine, verify_max_age_seconds=30, clock=lambda: clock[0])
-    fill_through_governor(store_engine)
+    anchors = AnchorLog(tmp_path / "anchors")
+    views = AuditViews(
+        store_engine, key=KEY, anchors=anchors, verify_max_age_seconds=30, clock=lambda: clock[0]
+    )
+    fill_through_governor(store_engine, AuditStore(store_engine, key=KEY, anchors=anchors))
     first = views.chain_status()
     assert first.ok and first.records_checked == len(all_records(store_engine))
 
@@ -395,6 +404,26 @@ def test_chain_status_is_reused_for_a_while_and_sees_tampering_when_refreshed(st
     assert not refreshed.ok and refreshed.first_bad_seq == 3 and "row edited" in (refreshed.problem or "")
     clock[0] += 31
     assert views.chain_status().checked_at > first.checked_at
+
+
+def test_chain_status_is_not_ok_when_it_cannot_check(store_engine, tmp_path, monkeypatch):
+    anchors = AnchorLog(tmp_path / "anchors")
+    fill_through_governor(store_engine, AuditStore(store_engine, key=KEY, anchors=anchors))
+
+    no_key = AuditViews(store_engine, anchors=anchors, verify_max_age_seconds=0).chain_status()
+    assert (no_key.ok, no_key.status) == (False, "unverifiable")
+    no_anchors = AuditViews(store_engine, key=KEY, verify_max_age_seconds=0).chain_status()
+    assert (no_anchors.ok, no_anchors.status) == (False, "unanchored")
+
+    failing = AuditViews(store_engine, key=KEY, anchors=anchors, verify_max_age_seconds=0)
+
+    def fake_verify_that_fails() -> None:
+        raise OSError("anchor disk unmounted")
+
+    monkeypatch.setattr(failing.audit, "verify", fake_verify_that_fails)
+    error = failing.chain_status()
+    assert (error.ok, error.status) == (False, "error")
+    assert error.problem == "verification failed: OSError: anchor disk unmounted"
 
 
 # -- options and validation --------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from governed_ai.core.audit import AuditStore, StoredAuditRecord
+from governed_ai.core.audit import StoredAuditRecord
 from governed_ai.core.batch import (
     BatchProgress,
     BatchPrompt,
@@ -35,6 +35,7 @@ from governed_ai.core.pricing import PriceTable
 from governed_ai.core.sqlstore import create_store_engine
 from governed_ai.core.subject import Subject
 from governed_ai.core.transport import ModelTransport, per_minute_limiter
+from tests.audit_support import keyed_audit_store
 from tests.fakes.openai_server import FakeOpenAIServer, ScriptedReply
 
 SUBJECT = Subject(dag_id="batch_dag", task_id="classify", run_id="run-1")
@@ -140,7 +141,7 @@ def harness(tmp_path: Path, server: FakeOpenAIServer) -> Iterator[Callable[..., 
         governor = Governor(
             policy=PolicyProvider(text=policy_text or policy()),
             ledger=BudgetLedger(engine),
-            audit=AuditStore(engine),
+            audit=keyed_audit_store(engine),
         )
         # One server for the module (starting and stopping one costs 0.5 s); each test starts it afresh.
         server.replies.clear()

@@ -14,13 +14,14 @@ from collections.abc import Callable
 import pytest
 from sqlalchemy import Engine
 
-from governed_ai.core.audit import AuditRecord, AuditStore
+from governed_ai.core.audit import AuditRecord
 from governed_ai.core.budget import BudgetGate
 from governed_ai.core.errors import BudgetExhausted
 from governed_ai.core.governor import FixedPolicy, Governor
 from governed_ai.core.ledger import BudgetLedger, BudgetStatus
 from governed_ai.core.policy import PolicyProvider, engine_from_text
 from governed_ai.core.subject import Subject
+from tests.audit_support import keyed_audit_store
 
 SUBJECT = Subject(dag_id="batch_dag", task_id="classify", run_id="run-1")
 REQUEST_TOKENS = 100  # one request's worst case (prompt estimate + max completion)
@@ -44,7 +45,7 @@ def governor_for(store_engine: Engine) -> Callable[[str], Governor]:
         return Governor(
             policy=PolicyProvider(text=policy_text),
             ledger=BudgetLedger(store_engine),
-            audit=AuditStore(store_engine),
+            audit=keyed_audit_store(store_engine),
         )
 
     return build

@@ -15,7 +15,7 @@ import pytest
 from pydantic import BaseModel
 from sqlalchemy import Engine
 
-from governed_ai.core.audit import AuditStore, StoredAuditRecord
+from governed_ai.core.audit import StoredAuditRecord
 from governed_ai.core.chat import ChatRequest
 from governed_ai.core.client import GovernedChatResult, GovernedClient
 from governed_ai.core.errors import (
@@ -34,6 +34,7 @@ from governed_ai.core.pricing import PriceTable
 from governed_ai.core.sqlstore import create_store_engine
 from governed_ai.core.subject import Subject
 from governed_ai.core.transport import ModelTransport
+from tests.audit_support import keyed_audit_store
 from tests.fakes.openai_server import FakeOpenAIServer, ScriptedReply
 
 CONN = "llm"
@@ -141,7 +142,7 @@ def make(tmp_path: Path) -> Iterator[Callable[..., Setup]]:
         governor = Governor(
             policy=PolicyProvider(text=text if text is not None else policy_text()),
             ledger=BudgetLedger(engine),
-            audit=AuditStore(engine),
+            audit=keyed_audit_store(engine),
         )
         server = FakeOpenAIServer(models=models, default=default or ScriptedReply(content="fine")).__enter__()
         servers.append(server)

@@ -73,7 +73,11 @@ rules:
 """,
         "dagid:",
         "rules[0].match.dagid",
-        ["unknown key 'dagid'", "did you mean 'dag_id'", "expected one of: dag_id, owner, tags, task_id"],
+        [
+            "unknown key 'dagid'",
+            "did you mean 'dag_id'",
+            "expected one of: bundle, dag_id, owner, tags, task_id",
+        ],
     ),
     "invalid regex": (
         """\
@@ -230,7 +234,7 @@ budgets:
 """,
         "match:",
         "budgets[0].match",
-        ["team budget needs match.owner and/or match.tags"],
+        ["team budget needs match.owner, match.tags and/or match.bundle"],
     ),
     "yaml booleans in a string enum": (
         """\

@@ -478,3 +478,44 @@ def test_budgets_need_an_aware_timestamp() -> None:
     (only,) = engine.budgets_for(Subject(dag_id="x", task_id="y"))
     after = datetime.now(UTC)
     assert only.period_key in {before.strftime("%Y-%m"), after.strftime("%Y-%m")}
+
+
+# -- identity the DAG author cannot choose: the DAG bundle ------------------------------------------------
+
+BUNDLE_POLICY = """\
+version: 1
+rules:
+  - name: privileged
+    match: {bundle: "prod-*", owner: data-platform, tags: [privileged]}
+    models: [{connection: llm, model: big-model}]
+    tools: [{name: refund}]
+  - name: everyone
+    models: [{connection: llm, model: small-model}]
+budgets:
+  - name: prod-team
+    scope: team
+    match: {bundle: "prod-*"}
+    period: day
+    max_tokens: 1000
+"""
+
+
+def test_a_rule_that_matches_a_bundle_cannot_be_widened_by_owner_or_tags() -> None:
+    engine = engine_from_text(BUNDLE_POLICY, source=SOURCE)
+    honest = Subject(dag_id="etl", task_id="t", owner="alice", tags=frozenset({"etl"}), bundle="user-dags")
+    # The same DAG claiming the privileged owner and tag, as DAG code may: still in its own bundle.
+    claiming = honest.model_copy(update={"owner": "data-platform", "tags": frozenset({"privileged"})})
+    unknown_bundle = claiming.model_copy(update={"bundle": None})
+    trusted = claiming.model_copy(update={"bundle": "prod-core"})
+
+    for subject in (honest, claiming, unknown_bundle):
+        assert not engine.authorize_model(subject, "llm", "big-model").allowed
+        assert not engine.authorize_tool(subject, "refund", {}).allowed
+        assert engine.authorize_model(subject, "llm", "small-model").allowed  # nothing extra, nothing less
+        assert engine.matching_rules(subject) == ["everyone"]
+        assert engine.budgets_for(subject, datetime(2026, 11, 25, tzinfo=UTC)) == []
+    assert engine.authorize_model(trusted, "llm", "big-model").rule == "privileged"
+    assert engine.authorize_tool(trusted, "refund", {}).allowed
+    assert [b.name for b in engine.budgets_for(trusted, datetime(2026, 11, 25, tzinfo=UTC))] == ["prod-team"]
+    # A denial says which identity it judged, bundle included.
+    assert "bundle 'user-dags'" in engine.authorize_model(claiming, "llm", "big-model").reason

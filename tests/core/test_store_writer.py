@@ -8,7 +8,7 @@ import threading
 import pytest
 from sqlalchemy import Engine, select, text
 
-from governed_ai.core.audit import AuditRecord, AuditStore
+from governed_ai.core.audit import AuditRecord
 from governed_ai.core.journal import (
     JournalState,
     ReplayJournal,
@@ -20,6 +20,7 @@ from governed_ai.core.journal import (
 from governed_ai.core.sqlstore import create_store_engine, ensure_tables
 from governed_ai.core.store_writer import StoreWriter
 from governed_ai.core.subject import Subject
+from tests.audit_support import keyed_audit_store
 
 SUBJECT = Subject(dag_id="batch_dag", task_id="classify", run_id="run-1", try_number=1)
 INSTANCE = "i" * 64
@@ -38,7 +39,7 @@ def done(key: str, result: object, *, tokens: tuple[int, int] = (3, 2)) -> StepD
 
 
 def test_concurrent_steps_are_committed_in_few_groups_with_their_audit_records(store_engine: Engine):
-    audit = AuditStore(store_engine)
+    audit = keyed_audit_store(store_engine)
     journal = ReplayJournal(store_engine, "chat")
     writer = StoreWriter(audit)
 
@@ -66,7 +67,7 @@ def test_concurrent_steps_are_committed_in_few_groups_with_their_audit_records(s
 
 
 def test_a_failing_step_fails_its_whole_group_and_nothing_of_it_is_stored(store_engine: Engine):
-    audit = AuditStore(store_engine)
+    audit = keyed_audit_store(store_engine)
     writer = StoreWriter(audit)
     with pytest.raises(ValueError, match="must be JSON"):
         writer.write_sync(records=[record(1)], steps=[done("bad", {"x": float("nan")})])
@@ -76,7 +77,7 @@ def test_a_failing_step_fails_its_whole_group_and_nothing_of_it_is_stored(store_
 
 
 def test_a_claim_never_overwrites_a_completed_step_and_a_failure_is_recorded(store_engine: Engine):
-    writer = StoreWriter(AuditStore(store_engine))
+    writer = StoreWriter(keyed_audit_store(store_engine))
     writer.write_sync(steps=[claim("a"), claim("b")])
     writer.write_sync(steps=[done("a", {"ok": True})])
     writer.write_sync(steps=[claim("a", try_number=2), StepFailed("chat", "b", "boom")])
@@ -87,7 +88,7 @@ def test_a_claim_never_overwrites_a_completed_step_and_a_failure_is_recorded(sto
 
 
 def test_a_started_step_claimed_again_by_a_later_try_counts_its_attempts(store_engine: Engine):
-    writer = StoreWriter(AuditStore(store_engine))
+    writer = StoreWriter(keyed_audit_store(store_engine))
     writer.write_sync(steps=[claim("a", reservation="r1")])
     writer.write_sync(steps=[claim("a", try_number=2, reservation="r2")])
     writer.close()
@@ -97,7 +98,7 @@ def test_a_started_step_claimed_again_by_a_later_try_counts_its_attempts(store_e
 
 
 def test_sync_writers_on_many_threads_all_land(store_engine: Engine):
-    audit = AuditStore(store_engine)
+    audit = keyed_audit_store(store_engine)
     writer = StoreWriter(audit)
     threads = [
         threading.Thread(
@@ -139,7 +140,7 @@ def test_an_older_journal_table_gets_the_new_columns(tmp_path):
             )
         )
     ensure_tables(engine, [journal_table])
-    writer = StoreWriter(AuditStore(engine))
+    writer = StoreWriter(keyed_audit_store(engine))
     writer.write_sync(steps=[claim("a"), done("a", {"ok": 1})])
     writer.close()
     assert ReplayJournal(engine, "chat").entries_for_instance(INSTANCE)["a"].result == {"ok": 1}

@@ -8,11 +8,12 @@ from datetime import UTC, datetime
 
 import pytest
 
-from governed_ai.core.audit import AuditRecord, AuditStore
+from governed_ai.core.audit import AuditRecord
 from governed_ai.core.observability import MetricsObserver, SpanObserver
 from governed_ai.core.sqlstore import create_store_engine
 from governed_ai.core.subject import Subject
 from governed_ai.operators.llm import LLMOperator
+from tests.audit_support import keyed_audit_store
 from tests.conftest import fake_context
 from tests.fakes.openai_server import FakeOpenAIServer, ScriptedReply
 
@@ -83,7 +84,8 @@ def test_observers_run_after_commit_and_never_fail_the_write(tmp_path):
     def broken(records):
         raise RuntimeError("metrics backend down")
 
-    store = AuditStore(create_store_engine(f"sqlite:///{tmp_path / 'a.db'}"), observers=[broken, seen.extend])
+    engine = create_store_engine(f"sqlite:///{tmp_path / 'a.db'}")
+    store = keyed_audit_store(engine, observers=[broken, seen.extend])
     store.append_many([CALL, QUERY])
     assert [r.action for r in seen] == ["model.call", "collection.query"]
     assert len(store.tail(10)) == 2 and store.verify().ok

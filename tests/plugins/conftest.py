@@ -17,6 +17,7 @@ from governed_ai.core.policy import PolicyProvider
 from governed_ai.core.pricing import PriceTable
 from governed_ai.core.sqlstore import create_store_engine
 from governed_ai.core.subject import Subject
+from governed_ai.hooks.governance import GovernanceHook
 from tests.fakes.governed_calls import record_governed_call
 
 PRICES = PriceTable.from_mapping({"*": {"input_per_1m_tokens": 3.0, "output_per_1m_tokens": 15.0}})
@@ -98,7 +99,11 @@ def filled_store(tmp_path: Path) -> Iterator[FilledStore]:
     no rule grants and a call the per-run budget stops."""
     url = f"sqlite:///{tmp_path / 'governance.db'}"
     engine = create_store_engine(url)
-    audit, ledger = AuditStore(engine), BudgetLedger(engine)
+    # Keyed and anchored the way the tasks write it, so the plugin (which finds the key and anchors the
+    # same way) can verify the chain.
+    hook = GovernanceHook()
+    audit = AuditStore(engine, key=hook.audit_key(), anchors=hook.anchor_log())
+    ledger = BudgetLedger(engine)
     governor = Governor(policy=PolicyProvider(text=POLICY), ledger=ledger, audit=audit)
     fake = ScriptedModel(latencies=[30.0, 10.0, 20.0, 60.0])
     run_1 = Subject(dag_id="api_a", task_id="ask", run_id="run-1")

@@ -313,3 +313,13 @@ def test_the_governance_connection_store_url_wins_over_the_config(filled_store, 
         json.dumps({"conn_type": "governed_ai_governance", "extra": {"store_url": filled_store.url}}),
     )
     assert governance_store_url() == filled_store.url
+
+
+def test_verify_says_not_verified_when_the_server_has_no_key(
+    make_client, filled_store, monkeypatch, tmp_path
+):
+    # An API server without the deployment key (no connection password, no config, no key file here).
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path / "api-server-home"))
+    chain = make_client(filled_store.url).get("/api/verify").json()
+    assert (chain["ok"], chain["status"]) == (False, "unverifiable")
+    assert chain["problem"].startswith("cannot verify")

@@ -33,6 +33,7 @@ import pytest
 
 from governed_ai.core.audit import AuditRecord, AuditStore, StoredAuditRecord
 from governed_ai.core.sqlstore import create_store_engine
+from governed_ai.hooks.governance import GovernanceHook
 from governed_ai.plugins import urls
 
 pytestmark = [pytest.mark.browser, pytest.mark.airflow]
@@ -130,7 +131,8 @@ def ui(airflow_db: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[R
     assert run.state == "success", f"the showcase run ended {run.state}"
 
     engine = create_store_engine(store_url)
-    store = AuditStore(engine)
+    hook = GovernanceHook()
+    store = AuditStore(engine, key=hook.audit_key(), anchors=hook.anchor_log())  # as the tasks write it
     assert store.query(dag_id=DAG_ID, run_id=run.run_id, decision="deny", limit=None), (
         "the run denied nothing"
     )

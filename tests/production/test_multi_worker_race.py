@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from governed_ai.core.audit import AuditStore
+from governed_ai.core.audit_anchors import AnchorLog
+from governed_ai.core.keys import DeploymentKey, generate_key_text
 from governed_ai.core.ledger import BudgetLedger
 from governed_ai.core.sqlstore import create_store_engine
 from tests.chroma_server import start_chroma_server
@@ -48,6 +50,10 @@ def test_two_workers_never_overspend_or_duplicate(tmp_path):
         store_url = postgres.create_database("race")
         policy = tmp_path / "policy.yaml"
         policy.write_text(POLICY)
+        # A multi-worker deployment shares one audit key and one anchor location (configured, not a key
+        # file per machine).
+        audit_key = generate_key_text()
+        anchor_dir = tmp_path / "anchors"
         with FakeOpenAIServer(
             default=ScriptedReply(content="ok", prompt_tokens=10, completion_tokens=5)
         ) as llm:
@@ -56,6 +62,8 @@ def test_two_workers_never_overspend_or_duplicate(tmp_path):
                 "PYTHONPATH": str(REPO),
                 "AIRFLOW__GOVERNED_AI__POLICY_PATH": str(policy),
                 "AIRFLOW__GOVERNED_AI__STORE_URL": store_url,
+                "AIRFLOW__GOVERNED_AI__AUDIT_HMAC_KEY": audit_key,
+                "AIRFLOW__GOVERNED_AI__AUDIT_ANCHOR_PATH": str(anchor_dir),
                 "AIRFLOW_CONN_GOVERNED_AI_LLM_DEFAULT": llm.connection_json(),
                 "AIRFLOW_CONN_GOVERNED_AI_CHROMA_DEFAULT": chroma.connection_json(),
             }
@@ -93,8 +101,12 @@ def test_two_workers_never_overspend_or_duplicate(tmp_path):
         client = chromadb.HttpClient(host=chroma.host, port=chroma.port)
         assert client.get_collection("kb_race").count() == 40
         assert sorted(o["ingest"]["new_chunks"] for o in outputs)[1] <= 40
-        audit = AuditStore(engine)
-        assert audit.verify().ok
+        audit = AuditStore(
+            engine, key=DeploymentKey.from_text(audit_key, source="test"), anchors=AnchorLog(anchor_dir)
+        )
+        verification = audit.verify()
+        assert verification.ok, verification.problem
+        assert verification.anchors_checked >= 2  # each worker anchored its writes
         assert len(audit.query(action="model.call", limit=None)) == calls
         engine.dispose()
     finally:

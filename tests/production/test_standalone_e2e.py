@@ -99,13 +99,21 @@ def test_flagship_dags_run_on_a_real_airflow(airflow: Standalone) -> None:
     assert enriched
 
     from governed_ai.core.audit import AuditStore
+    from governed_ai.core.audit_anchors import AnchorLog
+    from governed_ai.core.keys import read_key_file
     from governed_ai.core.ledger import BudgetLedger
     from governed_ai.core.sqlstore import create_store_engine
 
     engine = create_store_engine(f"sqlite:///{provider_home / 'governance.db'}")
     try:
-        audit = AuditStore(engine)
-        assert audit.verify().ok
+        # Single machine: the tasks created the fallback key file and anchored under the provider home.
+        audit = AuditStore(
+            engine,
+            key=read_key_file(provider_home / "audit.key"),
+            anchors=AnchorLog(provider_home / "anchors"),
+        )
+        verification = audit.verify()
+        assert verification.ok, verification.problem
         by_dag = {r.dag_id for r in audit.query(limit=None)}
         assert set(FLAGSHIPS) <= by_dag
         assert audit.query(dag_id="order_agent", decision="deny", limit=None), (

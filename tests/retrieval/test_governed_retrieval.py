@@ -22,6 +22,7 @@ from governed_ai.core.retrieval import SourceDocument, chunk_records
 from governed_ai.core.retrieval.governed import GovernedRetrieval, PurgeRequest
 from governed_ai.core.sqlstore import create_store_engine
 from governed_ai.core.subject import Subject
+from tests.audit_support import keyed_audit_store
 
 POLICY = """
 version: 1
@@ -61,7 +62,7 @@ def engine(tmp_path: Path) -> Iterator[Engine]:
 
 @pytest.fixture
 def audit(engine: Engine) -> AuditStore:
-    return AuditStore(engine)
+    return keyed_audit_store(engine)
 
 
 @pytest.fixture

@@ -174,7 +174,7 @@ def test_constrained_mode_never_lets_the_model_name_a_forbidden_tool(server, cas
     assert sorted(schema_refusals) == sorted(named_forbidden * 2)
     assert all(r.outcome == "denied" for r in denials)
     assert all("it was not run" in (r.error or "") for r in denials if r.extra.get("mode") == "constrained")
-    # ... and a granted tool with arguments outside the policy's constraints, which becomes a call and is denied.
+    # ... and a granted tool with arguments outside the policy's constraints: a call, denied.
     constrained_denials = [name for name, _ in refused if name in PERMITTED]
     assert [r.resource for r in denials if r.extra.get("mode") != "constrained"] == constrained_denials
     if constrained_denials:

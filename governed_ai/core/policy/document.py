@@ -16,6 +16,7 @@ Format (YAML; every key not listed here is an error)::
           task_id: "*"
           owner: ["ai-team"]
           tags: ["support"]             #   the task has at least one tag matching one of these globs
+          bundle: "prod-*"              #   the DAG bundle (configured by the deployment, not the DAG)
         models:                         # model grants: both globs must match
           - connection: "governed_ai_llm_default"   # glob on the LLM connection id
             model: "smollm2*"                       # glob on the concrete model name
@@ -54,6 +55,10 @@ Semantics worth knowing when writing a policy:
   for a constraint is a denial, never a coercion.
 * Values are read strictly: ``max_tokens: "512"`` is an error, not 512. Unquoted ``yes``/``no``/``on``/``off``
   are YAML booleans, so quote them where a string is meant.
+* ``dag_id``, ``task_id``, ``owner`` and ``tags`` are written by the DAG author, so a DAG can claim any of
+  them; ``bundle`` is the DAG bundle the deployment loaded the DAG from. Match ``bundle`` in every rule that
+  grants something the author must not be able to give themselves. A rule with ``bundle`` never matches a
+  task whose bundle is unknown.
 * A budget with a glob match is one shared pool for every task it matches (the ledger key does not contain
   the dag id).
 """
@@ -163,6 +168,7 @@ class SubjectMatch(_PolicyModel):
     task_id: GlobList | None = None
     owner: GlobList | None = None
     tags: GlobList | None = None
+    bundle: GlobList | None = None
 
     def given_keys(self) -> frozenset[str]:
         """Names of the keys that constrain the match."""
@@ -307,11 +313,14 @@ class Budget(_PolicyModel):
         if self.scope == "dag" and "dag_id" not in keys:
             raise LocatedValueError("a dag budget needs match.dag_id (a glob or list of globs)", ("match",))
         if self.scope == "team":
-            if not keys & {"owner", "tags"}:
-                raise LocatedValueError("a team budget needs match.owner and/or match.tags", ("match",))
+            if not keys & {"owner", "tags", "bundle"}:
+                raise LocatedValueError(
+                    "a team budget needs match.owner, match.tags and/or match.bundle", ("match",)
+                )
             if keys & {"dag_id", "task_id"}:
                 raise LocatedValueError(
-                    "a team budget matches by owner/tags only; use scope dag to limit by dag_id/task_id",
+                    "a team budget matches by owner/tags/bundle only; "
+                    "use scope dag to limit by dag_id/task_id",
                     ("match",),
                 )
         return self

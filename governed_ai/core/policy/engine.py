@@ -95,7 +95,7 @@ class _GlobSet:
 
 
 class _SubjectMatcher:
-    __slots__ = ("_dag_id", "_owner", "_tags", "_task_id")
+    __slots__ = ("_bundle", "_dag_id", "_owner", "_tags", "_task_id")
 
     def __init__(self, match: SubjectMatch | None) -> None:
         def compiled(patterns: list[str] | None) -> _GlobSet | None:
@@ -105,6 +105,7 @@ class _SubjectMatcher:
         self._task_id = compiled(match.task_id if match else None)
         self._owner = compiled(match.owner if match else None)
         self._tags = compiled(match.tags if match else None)
+        self._bundle = compiled(match.bundle if match else None)
 
     def matches(self, subject: Subject) -> bool:
         if self._dag_id is not None and not self._dag_id.matches(subject.dag_id):
@@ -112,6 +113,8 @@ class _SubjectMatcher:
         if self._task_id is not None and not self._task_id.matches(subject.task_id):
             return False
         if self._owner is not None and not self._owner.matches(subject.owner):
+            return False
+        if self._bundle is not None and (subject.bundle is None or not self._bundle.matches(subject.bundle)):
             return False
         tags = self._tags
         return tags is None or any(tags.matches(tag) for tag in subject.tags)
@@ -246,7 +249,8 @@ class _SubjectView:
 
 def _describe(subject: Subject) -> str:
     tags = ", ".join(sorted(subject.tags))
-    return f"dag {subject.dag_id!r} task {subject.task_id!r} (owner {subject.owner!r}, tags [{tags}])"
+    bundle = "" if subject.bundle is None else f", bundle {subject.bundle!r}"
+    return f"dag {subject.dag_id!r} task {subject.task_id!r} (owner {subject.owner!r}, tags [{tags}]{bundle})"
 
 
 def _period(budget: Budget, subject: Subject, now: datetime) -> tuple[str, datetime | None]:
@@ -280,7 +284,7 @@ class PolicyEngine:
         self.load_error = load_error
         self._rules = tuple(_CompiledRule.compile(rule) for rule in document.rules)
         self._budget_matchers = tuple((b, _SubjectMatcher(b.match)) for b in document.budgets)
-        self._subjects: dict[tuple[str, str, str, frozenset[str]], _SubjectView] = {}
+        self._subjects: dict[tuple[str, str, str, frozenset[str], str | None], _SubjectView] = {}
 
     @classmethod
     def deny_all(cls, error: str, *, source: str = "<inline policy>") -> PolicyEngine:
@@ -296,7 +300,7 @@ class PolicyEngine:
 
     def _view(self, subject: Subject) -> _SubjectView:
         # Only the fields rules can match on form the key, so every try/map index of a task shares it.
-        key = (subject.dag_id, subject.task_id, subject.owner, subject.tags)
+        key = (subject.dag_id, subject.task_id, subject.owner, subject.tags, subject.bundle)
         view = self._subjects.get(key)
         if view is None:
             view = self._build_view(subject)

@@ -7,7 +7,7 @@ same for every string in a JSON-like structure (XCom values, audit content).
 
 from __future__ import annotations
 
-from governed_ai.core.redaction.redactor import Redactor, marker
+from governed_ai.core.redaction.redactor import Redactor, marker, report_secrets
 from governed_ai.core.redaction.results import (
     ObjectRedactionFinding,
     ObjectRedactionResult,
@@ -24,4 +24,5 @@ __all__ = [
     "RedactionSettings",
     "Redactor",
     "marker",
+    "report_secrets",
 ]

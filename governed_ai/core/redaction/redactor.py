@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import lru_cache
 from typing import Any, TypeVar, cast
 
@@ -16,6 +16,7 @@ from governed_ai.core.redaction.pii import (
     PaymentCardDetector,
     PhoneDetector,
 )
+from governed_ai.core.redaction.random_tokens import RandomTokenDetector
 from governed_ai.core.redaction.results import (
     ObjectRedactionFinding,
     ObjectRedactionResult,
@@ -23,7 +24,7 @@ from governed_ai.core.redaction.results import (
     RedactionFinding,
     RedactionResult,
 )
-from governed_ai.core.redaction.secret_plugins import secret_plugin_detectors
+from governed_ai.core.redaction.secret_plugins import SECRET_KIND, secret_plugin_detectors
 from governed_ai.core.redaction.settings import RedactionSettings
 from governed_ai.core.redaction.spans import Detector, Span, TextProbe, marker_spans, merge_overlapping
 
@@ -45,6 +46,8 @@ def _detectors_for(settings: RedactionSettings) -> tuple[Detector, ...]:
         )
         detectors.extend(CREDENTIAL_PATTERNS)
         detectors.append(PemPrivateKeyDetector())
+        if settings.random_tokens:
+            detectors.append(RandomTokenDetector())
     if settings.custom:
         detectors.extend(
             CustomPatternDetector(name, regex) for name, regex in settings.compiled_custom_patterns()
@@ -121,10 +124,16 @@ class Redactor:
         """
         return cast(T, self._walk(obj, (), None))
 
-    def redact_obj_detailed(self, obj: object) -> ObjectRedactionResult:
-        """Like ``redact_obj``, also reporting each finding with the path of the string it was in."""
+    def redact_obj_detailed(
+        self, obj: object, *, on_secret: Callable[[str], None] | None = None
+    ) -> ObjectRedactionResult:
+        """Like ``redact_obj``, also reporting each finding with the path of the string it was in.
+
+        ``on_secret`` is called with the original text of every ``SECRET`` finding (e.g. to register it with
+        a log masker); findings themselves never carry values.
+        """
         findings: list[ObjectRedactionFinding] = []
-        value = self._walk(obj, (), findings)
+        value = self._walk(obj, (), findings, on_secret)
         return ObjectRedactionResult(value=value, findings=tuple(findings))
 
     def _spans(self, text: str) -> list[Span]:
@@ -144,15 +153,24 @@ class Redactor:
         return merge_overlapping(spans)
 
     def _walk(
-        self, value: object, path: tuple[PathElement, ...], findings: list[ObjectRedactionFinding] | None
+        self,
+        value: object,
+        path: tuple[PathElement, ...],
+        findings: list[ObjectRedactionFinding] | None,
+        on_secret: Callable[[str], None] | None = None,
     ) -> Any:
         if isinstance(value, str):
             result = self.redact(value)
             if findings is not None:
                 findings.extend(_located(result, path, in_key=False))
+            if on_secret is not None:
+                report_secrets(value, result, on_secret)
             return result.text
         if isinstance(value, dict):
             key_results = {key: self.redact(key) for key in value if isinstance(key, str)}
+            if on_secret is not None:
+                for key, reported in key_results.items():
+                    report_secrets(key, reported, on_secret)
             # Keys that stay as they are keep their names; redacted ones step around them and each other.
             taken = {key for key in value if key not in key_results or not key_results[key].changed}
             redacted: dict[Any, Any] = {}
@@ -164,12 +182,21 @@ class Redactor:
                     taken.add(new_key)
                     if findings is not None:
                         findings.extend(_located(key_result, (*path, new_key), in_key=True))
-                redacted[new_key] = self._walk(item, (*path, new_key), findings)
+                redacted[new_key] = self._walk(item, (*path, new_key), findings, on_secret)
             return redacted
         if isinstance(value, list | tuple):
-            items = [self._walk(item, (*path, index), findings) for index, item in enumerate(value)]
+            items = [
+                self._walk(item, (*path, index), findings, on_secret) for index, item in enumerate(value)
+            ]
             return items if isinstance(value, list) else tuple(items)
         return value
+
+
+def report_secrets(text: str, result: RedactionResult, on_secret: Callable[[str], None]) -> None:
+    """Call ``on_secret`` with the original value of each ``SECRET`` finding of ``result`` (from ``text``)."""
+    for finding in result.findings:
+        if finding.kind == SECRET_KIND:
+            on_secret(text[finding.start : finding.end])
 
 
 def _unique_key(key: str, taken: set[Any]) -> str:

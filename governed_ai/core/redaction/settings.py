@@ -28,6 +28,9 @@ class RedactionSettings(BaseModel):
     plus passwords in URLs, authorization headers, bearer tokens and OpenAI-style keys."""
     high_entropy_secrets: bool = False
     """detect-secrets' base64/hex high-entropy plugins; noisy on ordinary text, hence off."""
+    random_tokens: bool = True
+    """Keyword-less random tokens such as an AWS secret access key in a sentence (see
+    :mod:`governed_ai.core.redaction.random_tokens`); tuned not to flag hashes, ids and identifiers."""
     disabled_secret_plugins: frozenset[str] = frozenset()
     """detect-secrets plugin class names to skip, e.g. ``{"ArtifactoryDetector"}``."""
     emails: bool = True

@@ -192,10 +192,16 @@ async function loadOptions() {
 async function loadChain() {
   const box = document.getElementById("chain-status");
   const chain = await getJSON("verify");
-  box.dataset.ok = String(chain.ok);
-  box.textContent = chain.ok
-    ? `Audit chain verified: ${integer.format(chain.records_checked)} records intact (checked ${formatTime(chain.checked_at)} UTC)`
-    : `Audit chain BROKEN at seq ${chain.first_bad_seq}: ${chain.problem}`;
+  // "verified" only when the server could check everything: the keyed hashes and the anchors.
+  box.dataset.ok = chain.ok ? "true" : chain.status === "broken" ? "false" : "";
+  if (chain.ok) {
+    const anchored = chain.newest_anchor_seq == null ? "" : `, anchored up to seq ${integer.format(chain.newest_anchor_seq)}`;
+    box.textContent = `Audit chain verified: ${integer.format(chain.records_checked)} records intact${anchored} (checked ${formatTime(chain.checked_at)} UTC)`;
+  } else if (chain.status === "broken") {
+    box.textContent = `Audit chain BROKEN at seq ${chain.first_bad_seq}: ${chain.problem}`;
+  } else {
+    box.textContent = `Audit chain not verified: ${chain.problem}`;
+  }
 }
 
 // -- totals and runs --------------------------------------------------------------------------------

@@ -1,0 +1,46 @@
+"""Task-instance listener: secrets in a governed task's rendered fields are masked before it runs, and
+when a task ends the audit chain head it wrote to is anchored.
+
+Runs in the task's own process (Airflow calls task-instance listeners there, ``dag.test()`` included), so
+the anchor line lands in the task log and the anchor file is written next to the others. Imported by the
+plugin in every Airflow process, so it imports nothing heavy until a task actually ends.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pluggy import HookimplMarker
+
+hookimpl = HookimplMarker("airflow")
+logger = logging.getLogger(__name__)
+
+
+def _anchor() -> None:
+    try:
+        from governed_ai.hooks.governance import anchor_audit_chains
+
+        anchor_audit_chains()
+    except Exception:  # a listener must never change the task's outcome
+        logger.exception("could not anchor the audit chain at the end of the task")
+
+
+@hookimpl
+def on_task_instance_running(previous_state: Any, task_instance: Any) -> None:
+    try:
+        from governed_ai.hooks.governance import register_secrets_in_rendered_fields
+
+        register_secrets_in_rendered_fields(task_instance)
+    except Exception:  # a listener must never change the task's outcome
+        logger.exception("could not scan the rendered fields for secrets")
+
+
+@hookimpl
+def on_task_instance_success(previous_state: Any, task_instance: Any) -> None:
+    _anchor()
+
+
+@hookimpl
+def on_task_instance_failed(previous_state: Any, task_instance: Any, error: Any) -> None:
+    _anchor()

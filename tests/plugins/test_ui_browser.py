@@ -33,7 +33,8 @@ import pytest
 
 from governed_ai.core.audit import AuditRecord, AuditStore, StoredAuditRecord
 from governed_ai.core.sqlstore import create_store_engine
-from governed_ai.hooks.governance import GovernanceHook
+from governed_ai.core.paths import provider_home
+from governed_ai.hooks.governance import DEV_KEY_FILE, GovernanceHook
 from governed_ai.plugins import urls
 
 pytestmark = [pytest.mark.browser, pytest.mark.airflow]
@@ -160,6 +161,10 @@ def ui(airflow_db: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[R
         AIRFLOW__API_AUTH__JWT_SECRET=secrets.token_hex(32),
         AIRFLOW__API__BASE_URL=f"{base_url}/",
         AIRFLOW__GOVERNED_AI__STORE_URL=store_url,
+        # The chain is checked with the key and anchors the tasks wrote with (a deployment configures both
+        # once for every component; here the tasks used the session's development key file).
+        AIRFLOW__GOVERNED_AI__AUDIT_HMAC_KEY=(provider_home() / DEV_KEY_FILE).read_text().strip(),
+        AIRFLOW__GOVERNED_AI__AUDIT_ANCHOR_PATH=str(provider_home() / "anchors"),
     )
     log = home / "api-server.log"
     with log.open("wb") as output:

@@ -90,6 +90,8 @@ def connection_json(base_url: str) -> str:
                 "timeout": 120,
                 "max_retries": 2,
                 "prices": {MODEL_ALIAS: NOMINAL_PRICE},
+                # The model's own tokenizer, for exact input-size checks and tighter reservations.
+                "tokenizer": f"gguf:{model_path()}",
             },
         }
     )

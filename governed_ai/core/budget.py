@@ -7,6 +7,13 @@ block is settled with what they really used, in one more. A single call uses blo
 thousands of calls uses blocks of 16, which keeps the ledger off the critical path while a budget still
 cannot be overspent: nothing is sent unreserved.
 
+Near the limit a block shrinks to what fits, down to one request. When even one does not fit, the gate
+asks whether waiting can help: if the budget's limit minus what is *spent* would fit it, the room is only
+held (by this task's requests still in flight, or by other tasks), so it waits, bounded, for holds to
+settle or expire, logging what it waits for. Only when the room cannot fit one request even after every
+hold has cleared is the budget exhausted for this task, with a message that says what was spent, what is
+held and by whom, the limit, and what to do.
+
 The budgets that apply are looked up again for every request (a cached policy decision): when the policy
 changes them, or a day or month rolls over, the current block is closed and the next request reserves on
 the budgets that apply now.
@@ -15,14 +22,20 @@ the budgets that apply now.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from governed_ai.core.audit import AuditRecord
 from governed_ai.core.errors import BudgetExhausted
 from governed_ai.core.governor import Governor
-from governed_ai.core.ledger import BudgetExceeded, BudgetKey, Reservation
+from governed_ai.core.ledger import BudgetExceeded, BudgetKey, BudgetStatus, Hold, Reservation
 from governed_ai.core.subject import Subject
+
+# How long a request waits for held budget to be settled or to expire, by default: the longest a dead
+# holder can keep it is the reservation TTL (600 s unless the policy says otherwise).
+DEFAULT_WAIT_SECONDS = 600.0
+_PROGRESS_EVERY_SECONDS = 10.0
 
 
 @dataclass
@@ -53,8 +66,11 @@ class BudgetTicket:
 class BudgetGate:
     """Hands out per-request shares of budget blocks for one subject.
 
-    :param record: how a budget denial is audited (the client's writer), awaited before the denial is
-        raised.
+    :param record: how a budget denial is audited (the client's writer), awaited before it is raised.
+    :param wait_seconds: how long a request may wait for held budget to clear before the gate gives up.
+    :param on_wait: called with a progress line while waiting (the task log).
+    :param instance: digest of the task instance, stored on reservations so that its next try can settle
+        what a killed try left held.
     """
 
     def __init__(
@@ -64,19 +80,29 @@ class BudgetGate:
         *,
         record: Callable[[AuditRecord], Awaitable[None]],
         block_size: int = 1,
+        wait_seconds: float = DEFAULT_WAIT_SECONDS,
+        on_wait: Callable[[str], None] | None = None,
+        instance: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._governor = governor
         self._subject = subject
         self._record = record
         self._block_size = max(1, block_size)
+        self._wait_seconds = wait_seconds
+        self._on_wait = on_wait
+        self._instance = instance
+        self._clock = clock
         self._current: _Block | None = None
         self._lock = asyncio.Lock()
         self.reservations = 0
+        self.waited_seconds = 0.0
 
     async def take(self, tokens: int, cost_usd: float, *, resource: str, model: str) -> BudgetTicket:
         """A share of ``tokens``/``cost_usd`` in the current block, reserving a new block when needed.
 
-        Raises :class:`BudgetExhausted` (audited) when not even this one request fits.
+        Raises :class:`BudgetExhausted` (audited) when not even this one request can fit, even after every
+        hold on the budget has cleared.
         """
         async with self._lock:
             keys = tuple(self._governor.budget_keys(self._subject))
@@ -87,15 +113,41 @@ class BudgetGate:
                 await self._close(block)
                 block = None
             if block is None:
-                try:
-                    block = await asyncio.to_thread(self._reserve_block, keys, tokens, cost_usd)
-                except BudgetExceeded as exceeded:
-                    raise await self._deny(exceeded, resource, model) from None
+                block = await self._reserve_or_wait(keys, tokens, cost_usd, resource, model)
                 self._current = block
             block.takers += 1
             block.tokens_left -= tokens
             block.cost_left -= cost_usd
             return BudgetTicket(block)
+
+    async def _reserve_or_wait(
+        self, keys: tuple[BudgetKey, ...], tokens: int, cost_usd: float, resource: str, model: str
+    ) -> _Block:
+        started = self._clock()
+        next_report = started + _PROGRESS_EVERY_SECONDS
+        pause = 0.05
+        while True:
+            try:
+                return await asyncio.to_thread(self._reserve_block, keys, tokens, cost_usd)
+            except BudgetExceeded as exceeded:
+                statuses = await asyncio.to_thread(self._governor.ledger.status, keys)
+                if not _fits_once_holds_clear(statuses, tokens, cost_usd):
+                    denial = await self._deny(exceeded, keys, statuses, tokens, cost_usd, resource, model)
+                    raise denial from None
+                waited = self._clock() - started
+                if waited >= self._wait_seconds:
+                    raise await self._deny(
+                        exceeded, keys, statuses, tokens, cost_usd, resource, model, waited=waited
+                    ) from None
+                if self._on_wait is not None and self._clock() >= next_report:
+                    next_report = self._clock() + _PROGRESS_EVERY_SECONDS
+                    self._on_wait(
+                        f"waiting {waited:.0f} s for held budget to clear: {_describe(statuses)}; this task "
+                        f"needs {tokens:,} tokens for its next request"
+                    )
+                await asyncio.sleep(min(pause, max(0.0, self._wait_seconds - waited)))
+                pause = min(pause * 2, 1.0)
+                self.waited_seconds = self._clock() - started
 
     def _reserve_block(self, keys: tuple[BudgetKey, ...], tokens: int, cost_usd: float) -> _Block:
         if not keys:
@@ -110,11 +162,13 @@ class BudgetGate:
                     cost_usd=cost_usd * size,
                     holder=self._governor.holder(self._subject),
                     ttl_seconds=self._governor.engine().defaults.reservation_ttl_seconds,
+                    instance=self._instance,
                 )
             except BudgetExceeded:
                 if size == 1:
                     raise
                 size = max(1, size // 4)  # another holder took budget since the check: try smaller
+                continue
             self.reservations += 1
             return _Block(reservation, keys, tokens * size, cost_usd * size)
 
@@ -132,9 +186,22 @@ class BudgetGate:
             ):
                 if remaining is not None and per_request > 0:
                     fits = min(fits, int(remaining // per_request))
-        return max(1, fits)  # a block of one that does not fit is denied (and audited) by reserve()
+        return max(1, fits)  # a block of one that does not fit is refused by reserve()
 
-    async def _deny(self, exceeded: BudgetExceeded, resource: str, model: str) -> BudgetExhausted:
+    async def _deny(
+        self,
+        exceeded: BudgetExceeded,
+        keys: Sequence[BudgetKey],
+        statuses: Sequence[BudgetStatus],
+        tokens: int,
+        cost_usd: float,
+        resource: str,
+        model: str,
+        *,
+        waited: float | None = None,
+    ) -> BudgetExhausted:
+        holds = await asyncio.to_thread(self._governor.ledger.holds, keys)
+        message = stop_message(exceeded, statuses, holds, tokens, cost_usd, waited=waited)
         await self._record(
             AuditRecord.for_subject(
                 self._subject,
@@ -144,15 +211,10 @@ class BudgetGate:
                 rule=exceeded.budget,
                 model=model,
                 outcome="denied",
-                error=str(exceeded),
+                error=message,
             )
         )
-        return BudgetExhausted(
-            f"Budget exhausted: {exceeded}. Raise the budget's limit in the policy, or wait until it resets.",
-            action="budget",
-            resource=resource,
-            rule=exceeded.budget,
-        )
+        return BudgetExhausted(message, action="budget", resource=resource, rule=exceeded.budget)
 
     async def finish(self, ticket: BudgetTicket, tokens: int, cost_usd: float) -> None:
         """Record a request's real usage; settles its block once the block is closed and all are done."""
@@ -160,6 +222,8 @@ class BudgetGate:
         block.finished += 1
         block.tokens_used += tokens
         block.cost_used += cost_usd
+        if block.tokens_left <= 0 and block.cost_left <= 1e-12:
+            block.closed = True  # nothing left to hand out: settle as soon as its requests are done
         if block.closed and block.finished == block.takers:
             await asyncio.to_thread(self._settle, block)
 
@@ -183,3 +247,58 @@ class BudgetGate:
             self._governor.ledger.settle(
                 block.reservation.id, tokens=block.tokens_used, cost_usd=block.cost_used
             )
+
+
+def _fits_once_holds_clear(statuses: Sequence[BudgetStatus], tokens: int, cost_usd: float) -> bool:
+    """Whether the request would fit every budget if nothing were held (only spend counted)."""
+    for status in statuses:
+        if status.max_tokens is not None and status.spent_tokens + tokens > status.max_tokens:
+            return False
+        if status.max_cost_usd is not None and status.spent_cost_usd + cost_usd > status.max_cost_usd + 1e-9:
+            return False
+    return True
+
+
+def _describe(statuses: Sequence[BudgetStatus]) -> str:
+    parts = []
+    for s in statuses:
+        if s.max_tokens is not None:
+            parts.append(
+                f"budget '{s.budget}': {s.spent_tokens:,} of {s.max_tokens:,} tokens spent, "
+                f"{s.reserved_tokens:,} held"
+            )
+        if s.max_cost_usd is not None:
+            parts.append(
+                f"budget '{s.budget}': ${s.spent_cost_usd:.6f} of ${s.max_cost_usd:.2f} spent, "
+                f"${s.reserved_cost_usd:.6f} held"
+            )
+    return "; ".join(parts)
+
+
+def stop_message(
+    exceeded: BudgetExceeded,
+    statuses: Sequence[BudgetStatus],
+    holds: Sequence[Hold],
+    tokens: int,
+    cost_usd: float,
+    *,
+    waited: float | None = None,
+) -> str:
+    """Why a task stops on a budget: spent, held and by whom, the limit, and what to do."""
+    kind = exceeded.period_kind or "period"
+    window = f"{kind} {exceeded.period}"
+    held_by = ", ".join(f"{h.holder} ({h.tokens:,} tokens)" for h in holds[:3]) or "nobody"
+    if len(holds) > 3:
+        held_by += f" and {len(holds) - 3} more"
+    need = f"{tokens:,} tokens" + (f" / ${cost_usd:.6f}" if cost_usd else "")
+    why = (
+        f"waited {waited:.0f} s and the held budget did not clear"
+        if waited is not None
+        else "it would not fit even once every hold has cleared"
+    )
+    reset = f" It resets at {exceeded.resets_at:%Y-%m-%dT%H:%MZ}." if exceeded.resets_at is not None else ""
+    return (
+        f"Budget exhausted: budget '{exceeded.budget}' ({window}): {_describe(statuses)}; held by {held_by}. "
+        f"The next request needs up to {need}, and {why}.{reset} Raise the budget's limit in the policy, "
+        "run the rest after it resets (a BudgetSensor waits for that), or lower max_tokens."
+    )

@@ -24,6 +24,7 @@ run coroutines on the client's own event loop with :meth:`~GovernedClient.run`.
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -34,7 +35,7 @@ import numpy as np
 import orjson
 
 from governed_ai.core.audit import AuditRecord
-from governed_ai.core.budget import BudgetGate
+from governed_ai.core.budget import DEFAULT_WAIT_SECONDS, BudgetGate
 from governed_ai.core.chat import ChatRequest, ChatResult, Message
 from governed_ai.core.errors import (
     ConfigurationError,
@@ -53,9 +54,10 @@ from governed_ai.core.journal import (
 )
 from governed_ai.core.llm_settings import StructuredOutputMode
 from governed_ai.core.policy import Decision, PolicyEngine
-from governed_ai.core.pricing import PriceTable, estimate_prompt_tokens
+from governed_ai.core.pricing import PriceTable
 from governed_ai.core.store_writer import StoreWriter
 from governed_ai.core.subject import Subject
+from governed_ai.core.tokens import InputTooLarge, count_messages, token_counter
 from governed_ai.core.transport import Completion, Embeddings, ModelTransport
 from governed_ai.core.xcom import ai_xcom, governance_xcom
 
@@ -146,6 +148,9 @@ class GovernedClient:
     :param budget_block_size: requests whose worst case is reserved per ledger transaction (1 for a few
         calls; a batch uses more, see :mod:`governed_ai.core.budget`).
     :param deadline_seconds: per-request limit over all retries (default: the connection's).
+    :param budget_wait_seconds: how long a request may wait for held budget to clear (see BudgetGate).
+    :param on_wait: receives progress lines while a request waits for budget (the task log).
+    :param tokenizer: the connection's ``tokenizer`` setting (how prompt tokens are counted).
     """
 
     def __init__(
@@ -160,6 +165,9 @@ class GovernedClient:
         default_model: str | None = None,
         budget_block_size: int = 1,
         deadline_seconds: float | None = None,
+        budget_wait_seconds: float = DEFAULT_WAIT_SECONDS,
+        on_wait: Callable[[str], None] | None = None,
+        tokenizer: str | None = None,
     ) -> None:
         self.governor = governor
         self.transport = transport
@@ -170,12 +178,25 @@ class GovernedClient:
         self.default_model = default_model
         self.deadline_seconds = deadline_seconds
         self.writer = StoreWriter(governor.audit)
-        self.budget = BudgetGate(governor, subject, record=self._record, block_size=budget_block_size)
+        self._instance = governor.instance_digest(subject)
+        self.budget = BudgetGate(
+            governor,
+            subject,
+            record=self._record,
+            block_size=budget_block_size,
+            wait_seconds=budget_wait_seconds,
+            on_wait=on_wait,
+            instance=self._instance,
+        )
+        self._counter = token_counter(tokenizer)
         self._journals = {
             scope: ReplayJournal(governor.audit.engine, scope, digest=governor.digest)
             for scope in ("chat", "embed")
         }
-        self._instance = governor.instance_digest(subject)
+        self._reconciled = False
+        self._reconcile_lock = asyncio.Lock()
+        self._budget_use_cache: tuple[float, dict[str, float]] | None = None
+        self._route_recorded: set[tuple[str, str]] = set()
         self._entries: dict[str, dict[str, JournalEntry]] = {}
         self._entries_lock = asyncio.Lock()
         self._allowed_recorded: set[tuple[str, str, str]] = set()
@@ -280,12 +301,67 @@ class GovernedClient:
     async def _candidates(
         self, engine: PolicyEngine, requested: str, prompt_version: str | None
     ) -> list[str]:
-        """The models to try for ``requested`` (a role or a model), in order; denied when none is granted."""
-        candidates = engine.resolve_model(self.subject, self.connection_id, requested)
+        """The models to try for ``requested`` (a role or a model), in order; denied when none is granted.
+
+        A route with ``when_budget_above`` switches to its cheaper model once a budget that applies is used
+        (spent and held) past the threshold; the switch is audited (``model.route``) once per task.
+        """
+        economy = False
+        route = engine.route_for(self.subject, requested)
+        switch = route.when_budget_above if route is not None else None
+        if route is not None and switch is not None:
+            budget, used = await self._budget_use(switch.budget)
+            economy = used >= switch.fraction
+            if economy and (requested, switch.model) not in self._route_recorded:
+                self._route_recorded.add((requested, switch.model))
+                await self._record(
+                    AuditRecord.for_subject(
+                        self.subject,
+                        action="model.route",
+                        resource=f"{self.connection_id}/{switch.model}",
+                        decision="n/a",
+                        model=switch.model,
+                        prompt_version=prompt_version,
+                        outcome="switched",
+                        extra={
+                            "requested": requested,
+                            "from": route.model,
+                            "to": switch.model,
+                            "budget": budget,
+                            "used": round(used, 4),
+                            "threshold": switch.fraction,
+                        },
+                    )
+                )
+        candidates = engine.resolve_model(self.subject, self.connection_id, requested, economy=economy)
         if not candidates:
             decision = engine.authorize_model(self.subject, self.connection_id, requested)
             await self._deny(decision, model=requested, prompt_version=prompt_version)
         return candidates
+
+    async def _budget_use(self, globs: Sequence[str] | None) -> tuple[str | None, float]:
+        """The most used budget that applies (among ``globs``, if given): its name and the fraction of its
+        limit spent or held. Read at most once a second per task."""
+        now = time.monotonic()
+        cached = self._budget_use_cache
+        if cached is None or now - cached[0] > 1.0:
+            keys = self.governor.budget_keys(self.subject)
+            statuses = await asyncio.to_thread(self.governor.ledger.status, keys) if keys else []
+            fractions: dict[str, float] = {}
+            for status in statuses:
+                used = 0.0
+                if status.max_tokens:
+                    used = max(used, (status.spent_tokens + status.reserved_tokens) / status.max_tokens)
+                if status.max_cost_usd:
+                    spent = status.spent_cost_usd + status.reserved_cost_usd
+                    used = max(used, spent / status.max_cost_usd)
+                fractions[status.budget] = used
+            cached = self._budget_use_cache = (now, fractions)
+        best: tuple[str | None, float] = (None, 0.0)
+        for name, used in cached[1].items():
+            if (globs is None or any(fnmatch.fnmatchcase(name, g) for g in globs)) and used >= best[1]:
+                best = (name, used)
+        return best
 
     async def _authorize(self, model: str, prompt_version: str | None) -> Decision:
         """The current policy's decision on ``model``; a denial is audited and raised, the first allow of
@@ -362,7 +438,9 @@ class GovernedClient:
         item_key: str | None,
         check_reply: ReplyCheck | None,
     ) -> None:
-        prompt_estimate = estimate_prompt_tokens(_message_chars(body["messages"]))
+        await self._reconcile()
+        prompt_estimate = count_messages(self._counter, body["messages"])
+        await self._check_input_size(prompt_estimate, resource, model, decision, prompt_version, item_key)
         completion_cap = int(body.get("max_tokens") or DEFAULT_COMPLETION_RESERVE)
         ticket = await self.budget.take(
             prompt_estimate + completion_cap,
@@ -438,6 +516,8 @@ class GovernedClient:
             ],
         )
         await self.budget.finish(ticket, completion.total_tokens, cost)
+        await self._charge_if_in_doubt("chat", key, completion.total_tokens, completion.prompt_tokens, cost,
+                                       resource, model, decision, prompt_version, item_key)  # fmt: skip
 
     # -- embeddings ------------------------------------------------------------------------------------
 
@@ -468,7 +548,9 @@ class GovernedClient:
             )
             return GovernedEmbeddings(vectors.vectors, vectors.model, vectors.prompt_tokens, 0.0,
                                       decision.rule, redactions, True)  # fmt: skip
-        estimate = sum(estimate_prompt_tokens(len(text)) for text in inputs)
+        await self._reconcile()
+        estimate = sum(self._counter.count(text) for text in inputs)
+        await self._check_input_size(estimate, resource, model, decision, None, item_key)
         ticket = await self.budget.take(
             estimate, self.prices.cost(model, estimate, 0), resource=resource, model=model
         )
@@ -528,6 +610,8 @@ class GovernedClient:
             ],
         )
         await self.budget.finish(ticket, result.prompt_tokens, cost)
+        await self._charge_if_in_doubt("embed", key, result.prompt_tokens, result.prompt_tokens, cost,
+                                       resource, model, decision, None, item_key)  # fmt: skip
         return GovernedEmbeddings(result.vectors, result.model, result.prompt_tokens, cost, decision.rule,
                                   redactions, False)  # fmt: skip
 
@@ -542,6 +626,120 @@ class GovernedClient:
         redaction = self.governor.engine().redaction_for(self.subject)
         text, _ = self.governor.redact_text(f"{type(error).__name__}: {error}"[:_MAX_ERROR], redaction)
         return text
+
+    # -- budgets after a crash, and the input-size guard -------------------------------------------------
+
+    async def _reconcile(self) -> None:
+        """Once per try, before its first paid request: settle what a killed earlier try of this task
+        instance left held, with what its completed requests really spent (the journal knows), and release
+        the rest now instead of after the reservation TTL."""
+        if self._reconciled:
+            return
+        async with self._reconcile_lock:
+            if self._reconciled:
+                return
+            settled = await asyncio.to_thread(
+                self.governor.ledger.settle_dead_holds,
+                self._instance,
+                living_holder=self.governor.holder(self.subject),
+            )
+            for reservation in settled:
+                await self._record(
+                    AuditRecord.for_subject(
+                        self.subject,
+                        action="budget.settle",
+                        decision="n/a",
+                        outcome="settled_for_dead_try",
+                        extra={"holder": reservation.holder, "reserved_tokens": reservation.tokens},
+                    )
+                )
+            self._reconciled = True
+
+    async def _check_input_size(
+        self,
+        prompt_tokens: int,
+        resource: str,
+        model: str,
+        decision: Decision,
+        prompt_version: str | None,
+        item_key: str | None,
+    ) -> None:
+        limit = decision.max_input_tokens
+        if limit is None or prompt_tokens <= limit:
+            return
+        how = "counted with the model's tokenizer" if self._counter.exact else "estimated"
+        message = (
+            f"the prompt is {prompt_tokens:,} tokens ({how}), over the policy's limit of {limit:,} input "
+            f"tokens per call for model '{model}'. Nothing was reserved or sent. Shorten the input, or raise "
+            "max_input_tokens on the model grant (or defaults.max_input_tokens_per_call) in the policy."
+        )
+        extra: dict[str, Any] = {"input_tokens": prompt_tokens, "limit": limit}
+        if item_key is not None:
+            extra["item"] = self.item_digest(item_key)
+        await self._record(
+            AuditRecord.for_subject(
+                self.subject,
+                action="model.input_limit",
+                resource=resource,
+                decision="deny",
+                rule=decision.rule,
+                model=model,
+                prompt_version=prompt_version,
+                outcome="denied",
+                error=message,
+                extra=extra,
+            )
+        )
+        raise InputTooLarge(message)
+
+    async def _charge_if_in_doubt(
+        self,
+        scope: str,
+        key: str,
+        tokens: int,
+        prompt_tokens: int,
+        cost: float,
+        resource: str,
+        model: str,
+        decision: Decision,
+        prompt_version: str | None,
+        item_key: str | None,
+    ) -> None:
+        """A request an earlier try claimed and never completed was cut off by a kill; the provider most
+        likely served (and billed) it. Its repeat just showed what it cost: charge that for the dead try too,
+        so the ledger and the audit trail count what the provider counted."""
+        entry = (self._entries.get(scope) or {}).get(key)
+        if entry is None or entry.state is not JournalState.STARTED:
+            return
+        if entry.try_number is None or entry.try_number >= self.subject.try_number:
+            return
+        keys = self.governor.budget_keys(self.subject)
+        dead = self.subject.model_copy(update={"try_number": entry.try_number})
+        if keys:
+            await asyncio.to_thread(
+                self.governor.ledger.charge, keys, tokens=tokens, cost_usd=cost,
+                holder=self.governor.holder(dead), instance=self._instance,
+            )  # fmt: skip
+        extra: dict[str, Any] = {"in_doubt": True, "charged_by_try": self.subject.try_number}
+        if item_key is not None:
+            extra["item"] = self.item_digest(item_key)
+        await self._record(
+            AuditRecord.for_subject(
+                dead,
+                action="model.call" if scope == "chat" else "embedding.call",
+                resource=resource,
+                decision="allow",
+                rule=decision.rule,
+                model=model,
+                prompt_version=prompt_version,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=tokens - prompt_tokens,
+                cost_usd=cost,
+                outcome="in_doubt",
+                extra=extra,
+            )
+        )
+        self._entries[scope].pop(key, None)  # charged once
 
     # -- journal ----------------------------------------------------------------------------------------
 

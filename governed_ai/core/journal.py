@@ -28,6 +28,7 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import ROUND_HALF_UP, Decimal
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -439,6 +440,29 @@ def apply_steps(connection: Connection, steps: Iterable[JournalStep]) -> None:
             .values(state=JournalState.FAILED.value, error=bindparam("b_error"), updated_at=now),
             failed,
         )
+
+
+def journal_usage_by_reservation(
+    connection: Connection, reservation_ids: Sequence[str]
+) -> dict[str, tuple[int, int]]:
+    """``{reservation id: (tokens, cost in micro-dollars)}`` of the completed steps charged to each
+    reservation, read in the caller's transaction (the ledger's, when it settles a dead try's holds)."""
+    if not reservation_ids:
+        return {}
+    table = journal_table
+    usage: dict[str, tuple[int, int]] = {}
+    rows = connection.execute(
+        select(
+            table.c.reservation_id, table.c.prompt_tokens, table.c.completion_tokens, table.c.cost_usd
+        ).where(
+            table.c.reservation_id.in_(list(reservation_ids)), table.c.state == JournalState.COMPLETED.value
+        )
+    )
+    for reservation_id, prompt, completion, cost in rows:
+        tokens, micros = usage.get(reservation_id, (0, 0))
+        cost_micros = int((Decimal(cost or "0") * 1_000_000).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+        usage[reservation_id] = (tokens + int(prompt or 0) + int(completion or 0), micros + cost_micros)
+    return usage
 
 
 def _entry(row: RowMapping) -> JournalEntry:

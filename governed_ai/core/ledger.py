@@ -36,6 +36,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection
 
+from governed_ai.core.journal import journal_table, journal_usage_by_reservation
 from governed_ai.core.sqlstore import (
     UtcDateTime,
     as_utc,
@@ -84,10 +85,13 @@ budget_reservations_table = Table(
     Column("settled_tokens", BigInteger, nullable=True),
     Column("settled_cost_micros", BigInteger, nullable=True),
     Column("closed_at", UtcDateTime, nullable=True),
+    # Digest of the task instance (not the try) that holds it: its next try settles a dead try's holds.
+    Column("instance_sha256", String(64), nullable=True),
     Index("ix_governed_ai_budget_reservations_state_expires", "state", "expires_at"),
+    Index("ix_governed_ai_budget_reservations_instance", "instance_sha256", "state"),
 )
 
-_LEDGER_TABLES = (budget_totals_table, budget_reservations_table)
+_LEDGER_TABLES = (budget_totals_table, budget_reservations_table, journal_table)
 
 # (budget, period): identifies one totals row.
 _KeyRef = tuple[str, str]
@@ -164,6 +168,17 @@ class BudgetStatus(BaseModel):
     remaining_tokens: int | None = Field(description="None when there is no token limit")
     remaining_cost_usd: float | None = Field(description="None when there is no cost limit")
     resets_at: datetime | None
+
+
+class Hold(BaseModel):
+    """A live reservation on a budget, as a stop message shows it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    holder: str
+    tokens: int
+    cost_usd: float
+    expires_at: datetime
 
 
 class UnknownReservation(KeyError):
@@ -285,6 +300,7 @@ class BudgetLedger:
         cost_usd: float,
         holder: str,
         ttl_seconds: float,
+        instance: str | None = None,
     ) -> Reservation:
         """Hold ``tokens`` and ``cost_usd`` on every key, or on none and raise :class:`BudgetExceeded`.
 
@@ -334,6 +350,7 @@ class BudgetLedger:
                         created_at=reservation.created_at,
                         expires_at=reservation.expires_at,
                         state=ReservationState.HELD.value,
+                        instance_sha256=instance,
                     )
                 )
             self._write_totals(connection, totals, now)
@@ -408,6 +425,108 @@ class BudgetLedger:
             expired += len(stale)
             if len(stale) < _STALE_BATCH:
                 return expired
+
+    def charge(
+        self, keys: Sequence[BudgetKey], *, tokens: int, cost_usd: float, holder: str, instance: str | None
+    ) -> Reservation:
+        """Record spend that was never reserved (a request a killed try sent and never saw the end of: the
+        provider billed it). Counted even past the limit, because it was spent; kept as a settled
+        reservation, so the ledger's history shows it."""
+        if tokens < 0 or cost_usd < 0:
+            raise ValueError("tokens and cost_usd must not be negative")
+        unique_keys = _unique_keys(keys)
+        cost_micros = usd_to_micros(cost_usd)
+        now = self._clock()
+        reservation = Reservation(
+            id=uuid.uuid4().hex,
+            holder=holder,
+            keys=tuple(key.ref for key in unique_keys),
+            tokens=0,
+            cost_usd=0.0,
+            created_at=now,
+            expires_at=now,
+            state=ReservationState.SETTLED,
+            settled_tokens=tokens,
+            settled_cost_usd=micros_to_usd(cost_micros),
+            closed_at=now,
+        )
+        with write_transaction(self._engine) as connection:
+            totals = self._lock_totals(connection, [key.ref for key in unique_keys], now)
+            for key in unique_keys:
+                row = totals[key.ref]
+                _apply_key_definition(row, key)
+                row["spent_tokens"] += tokens
+                row["spent_cost_micros"] += cost_micros
+            connection.execute(
+                budget_reservations_table.insert().values(
+                    id=reservation.id,
+                    holder=holder,
+                    budget_keys=json.dumps([list(ref) for ref in reservation.keys]),
+                    tokens=0,
+                    cost_micros=0,
+                    created_at=now,
+                    expires_at=now,
+                    state=ReservationState.SETTLED.value,
+                    settled_tokens=tokens,
+                    settled_cost_micros=cost_micros,
+                    closed_at=now,
+                    instance_sha256=instance,
+                )
+            )
+            self._write_totals(connection, totals, now)
+        return reservation
+
+    def settle_dead_holds(self, instance: str, *, living_holder: str) -> list[Reservation]:
+        """Settle every hold of task instance ``instance`` that another try than ``living_holder`` left
+        behind (a try that was killed), with what the journal says its completed requests really used, and
+        release the rest at once instead of after the TTL. Returns the settled reservations."""
+        table = budget_reservations_table
+        now = self._clock()
+        settled: list[Reservation] = []
+        with write_transaction(self._engine) as connection:
+            holds = [
+                dict(row)
+                for row in connection.execute(
+                    select(table)
+                    .where(
+                        table.c.instance_sha256 == instance,
+                        table.c.state == ReservationState.HELD.value,
+                        table.c.holder != living_holder,
+                    )
+                    .with_for_update()
+                ).mappings()
+            ]
+            if not holds:
+                return []
+            usage = journal_usage_by_reservation(connection, [hold["id"] for hold in holds])
+            totals = self._lock_totals(connection, {ref for hold in holds for ref in _hold_refs(hold)}, now)
+            for hold in holds:
+                tokens, cost_micros = usage.get(hold["id"], (0, 0))
+                self._close_hold(connection, hold, totals, ReservationState.SETTLED, now, tokens, cost_micros)
+                settled.append(_reservation_from_row(hold))
+            self._write_totals(connection, totals, now)
+        return settled
+
+    def holds(self, keys: Iterable[BudgetKey]) -> list[Hold]:
+        """The live holds on these budgets, largest first: who holds how much, until when."""
+        refs = {key.ref for key in keys}
+        table = budget_reservations_table
+        now = self._clock()
+        with read_transaction(self._engine) as connection:
+            rows = connection.execute(
+                select(table).where(table.c.state == ReservationState.HELD.value, table.c.expires_at >= now)
+            ).mappings()
+            found = [
+                Hold(
+                    holder=row["holder"],
+                    tokens=int(row["tokens"]),
+                    cost_usd=micros_to_usd(int(row["cost_micros"])),
+                    expires_at=row["expires_at"],
+                )
+                for row in rows
+                if refs & set(_hold_refs(row))
+            ]
+        return sorted(found, key=lambda hold: (hold.tokens, hold.cost_usd), reverse=True)
 
     def status(self, keys: Iterable[BudgetKey] | None = None) -> list[BudgetStatus]:
         """Current totals of the given keys (limits as the keys define them now), or of every budget
@@ -502,21 +621,45 @@ class BudgetLedger:
             totals[(budget, period)] = dict(row)
         return totals
 
-    @staticmethod
     def _drop_holds(
+        self,
         connection: Connection,
         holds: Sequence[dict[str, Any]],
         totals: dict[_KeyRef, dict[str, Any]],
         new_state: ReservationState,
         now: datetime,
     ) -> None:
-        table = budget_reservations_table
+        # An expired hold belonged to a try that died or hung: what its finished requests really spent is
+        # in the journal, and is spent, not released.
+        usage = (
+            journal_usage_by_reservation(connection, [hold["id"] for hold in holds])
+            if new_state is ReservationState.EXPIRED
+            else {}
+        )
         for hold in holds:
-            for ref in _hold_refs(hold):
-                _unhold(totals[ref], hold)
-            connection.execute(
-                update(table).where(table.c.id == hold["id"]).values(state=new_state.value, closed_at=now)
-            )
+            tokens, cost_micros = usage.get(hold["id"], (0, 0))
+            self._close_hold(connection, hold, totals, new_state, now, tokens, cost_micros)
+
+    @staticmethod
+    def _close_hold(
+        connection: Connection,
+        hold: dict[str, Any],
+        totals: dict[_KeyRef, dict[str, Any]],
+        new_state: ReservationState,
+        now: datetime,
+        tokens: int,
+        cost_micros: int,
+    ) -> None:
+        for ref in _hold_refs(hold):
+            row = totals[ref]
+            _unhold(row, hold)
+            row["spent_tokens"] += tokens
+            row["spent_cost_micros"] += cost_micros
+        table = budget_reservations_table
+        values: dict[str, Any] = {"state": new_state.value, "closed_at": now}
+        if tokens or cost_micros or new_state is ReservationState.SETTLED:
+            values.update(settled_tokens=tokens, settled_cost_micros=cost_micros)
+        connection.execute(update(table).where(table.c.id == hold["id"]).values(**values))
 
     @staticmethod
     def _write_totals(connection: Connection, totals: dict[_KeyRef, dict[str, Any]], now: datetime) -> None:
@@ -634,7 +777,7 @@ def _status_from_row(row: dict[str, Any]) -> BudgetStatus:
     )
 
 
-def _reservation_from_row(row: RowMapping) -> Reservation:
+def _reservation_from_row(row: RowMapping | dict[str, Any]) -> Reservation:
     settled_micros = row["settled_cost_micros"]
     return Reservation(
         id=row["id"],

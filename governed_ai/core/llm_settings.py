@@ -37,6 +37,7 @@ class LLMConnectionSettings(BaseModel):
     deadline_seconds: PositiveFloat | None = None
     structured_output: StructuredOutputMode = "json_schema"
     prices: PriceTable = Field(default_factory=PriceTable)
+    tokenizer: str | None = None
 
     @field_validator("prices", mode="before")
     @classmethod
@@ -47,7 +48,9 @@ class LLMConnectionSettings(BaseModel):
             return PriceTable.from_mapping(value)
         return value
 
-    @field_validator("base_url", "api_key", "default_model", "organization", "project", mode="before")
+    @field_validator(
+        "base_url", "api_key", "default_model", "organization", "project", "tokenizer", mode="before"
+    )
     @classmethod
     def _blank_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from governed_ai.core.audit import ANCHOR_EVERY_RECORDS, ANCHOR_EVERY_SECONDS, AuditStore
 from governed_ai.core.audit_anchors import AnchorLog
+from governed_ai.core.budget import DEFAULT_WAIT_SECONDS
 from governed_ai.core.client import GovernedClient
 from governed_ai.core.governor import EngineSource, FixedPolicy, Governor
 from governed_ai.core.keys import DeploymentKey, load_or_create_key_file, read_key_file
@@ -228,6 +229,8 @@ class GovernanceHook(BaseHook):
         tokens_per_minute: float | None = None,
         max_retries: int | None = None,
         deadline_seconds: float | None = None,
+        budget_wait_seconds: float = DEFAULT_WAIT_SECONDS,
+        on_wait: Callable[[str], None] | None = None,
     ) -> GovernedClient:
         """The governed client for the running task and an LLM connection: the one way to call a model.
 
@@ -250,6 +253,9 @@ class GovernanceHook(BaseHook):
             default_model=settings.default_model,
             budget_block_size=budget_block_size,
             deadline_seconds=deadline_seconds if deadline_seconds is not None else settings.deadline_seconds,
+            budget_wait_seconds=budget_wait_seconds,
+            on_wait=on_wait if on_wait is not None else self.log.info,
+            tokenizer=settings.tokenizer,
         )
 
     @staticmethod

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
@@ -25,6 +25,7 @@ from governed_ai.core.batch import (
     make_items,
     parse_rows,
 )
+from governed_ai.core.budget import DEFAULT_WAIT_SECONDS
 from governed_ai.core.errors import InvalidInput
 from governed_ai.core.paths import provider_home
 from governed_ai.core.structured_output import ensure_schema_model
@@ -91,6 +92,12 @@ class LLMBatchOperator(BaseOperator):
         (under ``$AIRFLOW_HOME/governed_ai/outputs/batch/``): XCom is not a data store.
     :param progress_interval_seconds: How often progress is logged (items, failures, rate, tokens, cost).
     :param budget_block_size: Items whose worst-case cost is reserved per budget transaction.
+    :param budget_wait_seconds: How long an item may wait for budget held by calls still in flight (this
+        task's or another's) to be settled or to expire before the batch concludes the budget is
+        exhausted (default 600 s, the default reservation TTL). Progress is logged while it waits.
+    :param on_budget_exhausted: What a budget stop means for the task: ``"fail"`` (default: fail without
+        retry, naming the budget) or ``"succeed"`` (succeed with the partial result; the items not run are
+        listed with the reason, for jobs that resume in the next budget period, see ``BudgetSensor``).
     :param prompt_name: Optional declared prompt name (recorded as ``name@label#hash``).
     :param prompt_version_label: Optional declared prompt version (requires ``prompt_name``).
     :param llm_conn_id: Connection of type ``governed_ai_llm``.
@@ -126,6 +133,8 @@ class LLMBatchOperator(BaseOperator):
         max_xcom_items: int = 100,
         progress_interval_seconds: float = 10.0,
         budget_block_size: int = 16,
+        budget_wait_seconds: float = DEFAULT_WAIT_SECONDS,
+        on_budget_exhausted: Literal["fail", "succeed"] = "fail",
         prompt_name: str | None = None,
         prompt_version_label: str | None = None,
         llm_conn_id: str = LLMHook.default_conn_name,
@@ -175,7 +184,16 @@ class LLMBatchOperator(BaseOperator):
             raise ValueError(f"{self.task_id}: 'deadline_seconds' must be positive, got {deadline_seconds}.")
         self.requests_per_minute = requests_per_minute
         self.tokens_per_minute = tokens_per_minute
+        if on_budget_exhausted not in ("fail", "succeed"):
+            raise ValueError(
+                f"{self.task_id}: 'on_budget_exhausted' must be 'fail' or 'succeed', "
+                f"got {on_budget_exhausted!r}."
+            )
+        if budget_wait_seconds < 0:
+            raise ValueError(f"{self.task_id}: 'budget_wait_seconds' must be 0 or more.")
         self.budget_block_size = budget_block_size
+        self.budget_wait_seconds = budget_wait_seconds
+        self.on_budget_exhausted = on_budget_exhausted
         self.max_retries = max_retries
         self.deadline_seconds = deadline_seconds
         self.llm_conn_id = llm_conn_id
@@ -226,6 +244,8 @@ class LLMBatchOperator(BaseOperator):
                 tokens_per_minute=self.tokens_per_minute,
                 max_retries=self.max_retries,
                 deadline_seconds=self.deadline_seconds,
+                budget_wait_seconds=self.budget_wait_seconds,
+                on_wait=self.log.info,
             ) as client:
                 requested = client.resolve_requested(self.model)
                 call = CallSettings(
@@ -360,7 +380,16 @@ class LLMBatchOperator(BaseOperator):
 
     def _apply_failure_policy(self, run: BatchRun) -> None:
         total = run.progress.total
-        bad = run.progress.failed + run.progress.not_run
+        if run.stopped_by_budget and self.on_budget_exhausted == "succeed":
+            # The items not run wait for the next budget period; only real failures count against the rate.
+            self.log.warning(
+                "stopped by budget with %d item(s) not run; succeeding (on_budget_exhausted='succeed'): %s",
+                run.progress.not_run,
+                run.stopped,
+            )
+            bad = run.progress.failed
+        else:
+            bad = run.progress.failed + run.progress.not_run
         if not bad or bad / total <= self.max_failure_rate:
             if bad:
                 self.log.warning(

@@ -13,6 +13,7 @@ from __future__ import annotations
 from governed_ai.core.policy.document import (
     ArgumentConstraint,
     Budget,
+    BudgetSwitch,
     CollectionGrant,
     CustomPattern,
     Defaults,
@@ -47,6 +48,7 @@ __all__ = [
     "ApplicableBudget",
     "ArgumentConstraint",
     "Budget",
+    "BudgetSwitch",
     "CollectionGrant",
     "CustomPattern",
     "Decision",

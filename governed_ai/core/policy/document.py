@@ -5,6 +5,7 @@ Format (YAML; every key not listed here is an error)::
     version: 1                          # required; the only version so far
     defaults:                           # optional
       reservation_ttl_seconds: 600      # how long a budget reservation lives before it is released
+      max_input_tokens_per_call: 32000  # the largest prompt one call may send (a grant may set its own)
       store_content: false              # may (redacted) prompt/response text be kept in the audit trail
       redact_prompts: true              # redact prompts before they leave for the model
       redact_outputs: true              # redact model outputs before they reach logs, XCom or audit
@@ -21,8 +22,13 @@ Format (YAML; every key not listed here is an error)::
           - connection: "governed_ai_llm_default"   # glob on the LLM connection id
             model: "smollm2*"                       # glob on the concrete model name
             max_tokens_per_call: 512                # optional cap on max_tokens of one call
+            max_input_tokens: 8000                  # optional cap on the prompt of one call
         model_routes:                   # role -> concrete model (+ fallbacks, tried in order)
-          default: {model: smollm2, fallbacks: [smollm2-q8]}
+          default:
+            model: smollm2
+            fallbacks: [smollm2-q8]
+            when_budget_above: {fraction: 0.8, model: smollm2-economy}   # optional: a cheaper model
+                                        # once a budget that applies is 80% used (spent and held)
         tools:
           - name: lookup_order          # glob on the tool name
             allow_other_args: true      # optional (default true): arguments not listed are unconstrained
@@ -156,6 +162,7 @@ class Defaults(_PolicyModel):
     """Policy-wide settings; rules can only tighten the redaction ones."""
 
     reservation_ttl_seconds: int = Field(default=600, gt=0)
+    max_input_tokens_per_call: int = Field(default=32_000, gt=0)
     store_content: bool = False
     redact_prompts: bool = True
     redact_outputs: bool = True
@@ -181,6 +188,15 @@ class ModelGrant(_PolicyModel):
     connection: str = Field(min_length=1)
     model: str = Field(min_length=1)
     max_tokens_per_call: int | None = Field(default=None, gt=0)
+    max_input_tokens: int | None = Field(default=None, gt=0)
+
+
+class BudgetSwitch(_PolicyModel):
+    """Use a cheaper model once a budget that applies is used past ``fraction`` (spent and held)."""
+
+    fraction: float = Field(gt=0, le=1)
+    model: ConcreteModelName
+    budget: GlobList | None = None  # which budgets count (globs on their names); omitted: any that applies
 
 
 class ModelRoute(_PolicyModel):
@@ -188,6 +204,7 @@ class ModelRoute(_PolicyModel):
 
     model: ConcreteModelName
     fallbacks: list[ConcreteModelName] = Field(default_factory=list)
+    when_budget_above: BudgetSwitch | None = None
 
 
 class ArgumentConstraint(_PolicyModel):

@@ -20,6 +20,7 @@ from governed_ai.core.policy.document import (
     Budget,
     CustomPattern,
     Defaults,
+    ModelRoute,
     PolicyDocument,
     Rule,
     SubjectMatch,
@@ -59,6 +60,7 @@ class Decision:
     redaction: RedactionSettings
     max_tokens_per_call: int | None = None
     policy_digest: str = ""
+    max_input_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +190,7 @@ class _CompiledModelGrant:
     connection: _GlobSet
     model: _GlobSet
     max_tokens_per_call: int | None
+    max_input_tokens: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,7 +222,9 @@ class _CompiledRule:
             rule=rule,
             matcher=_SubjectMatcher(rule.match),
             models=tuple(
-                _CompiledModelGrant(_GlobSet([g.connection]), _GlobSet([g.model]), g.max_tokens_per_call)
+                _CompiledModelGrant(
+                    _GlobSet([g.connection]), _GlobSet([g.model]), g.max_tokens_per_call, g.max_input_tokens
+                )
                 for g in rule.models
             ),
             tools=tuple(
@@ -373,6 +378,7 @@ class PolicyEngine:
                         view.redaction,
                         grant.max_tokens_per_call,
                         self.digest,
+                        grant.max_input_tokens or self.document.defaults.max_input_tokens_per_call,
                     )
                     break
             if decision is not None:
@@ -503,19 +509,29 @@ class PolicyEngine:
 
     # -- routing and budgets ------------------------------------------------------------------------------
 
-    def resolve_model(self, subject: Subject, connection_id: str, requested: str) -> list[str]:
-        """Concrete models to try, in order, for ``requested`` (a route alias or a model name).
-
-        An alias defined by a matching rule (the first such rule wins) expands to ``[model, *fallbacks]``;
-        anything else is its own only candidate. Candidates the policy does not grant this subject on this
-        connection are dropped, so an empty list means the request is denied.
-        """
-        candidates = [requested]
+    def route_for(self, subject: Subject, requested: str) -> ModelRoute | None:
+        """The route a matching rule defines for the alias ``requested`` (the first such rule wins)."""
         for compiled in self._view(subject).rules:
             route = compiled.rule.model_routes.get(requested)
             if route is not None:
-                candidates = [route.model, *route.fallbacks]
-                break
+                return route
+        return None
+
+    def resolve_model(
+        self, subject: Subject, connection_id: str, requested: str, *, economy: bool = False
+    ) -> list[str]:
+        """Concrete models to try, in order, for ``requested`` (a route alias or a model name).
+
+        An alias defined by a matching rule (the first such rule wins) expands to ``[model, *fallbacks]``,
+        or with ``economy`` (a budget past the route's ``when_budget_above`` threshold) to
+        ``[cheaper model, *fallbacks]``; anything else is its own only candidate. Candidates the policy does
+        not grant this subject on this connection are dropped, so an empty list means the request is denied.
+        """
+        candidates = [requested]
+        route = self.route_for(subject, requested)
+        if route is not None:
+            first = route.when_budget_above.model if economy and route.when_budget_above else route.model
+            candidates = [first, *route.fallbacks]
         resolved: list[str] = []
         for candidate in candidates:
             if candidate not in resolved and self.authorize_model(subject, connection_id, candidate).allowed:

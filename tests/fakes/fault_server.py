@@ -16,8 +16,13 @@ requests that item has made so far, so it does not depend on the order concurren
 The item key is found in the prompt with ``key_pattern`` (default: ``[key=...]``, i.e. the template
 contains ``[key={{ item.id }}]``).
 
-It counts, per item key, the successful completions it served (``GET /stats`` or :meth:`stats`), which
-is what "nothing is paid for twice" is checked against.
+It counts, per item key, the successful completions it served and the tokens they used (``GET /stats``
+or :meth:`stats`), which is what "nothing is paid for twice" and "the ledger equals what was served" are
+checked against.
+
+A request with a JSON schema in ``response_format`` (either dialect, ``json_schema`` or ``json_object``
+with ``schema``) gets JSON that matches the schema, as from a grammar-constrained server (see
+:mod:`tests.fakes.schema_instance`); a plain ``json_object`` request gets ``{"key": ..., "label": ...}``.
 
 In-process::
 
@@ -49,6 +54,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tests.fakes.schema_instance import instance_for
 
 FAULT_KINDS = ("429", "500", "timeout", "malformed")
 DEFAULT_KEY_PATTERN = r"\[key=([^\]]+)\]"
@@ -89,6 +96,7 @@ class _Stats:
     chat_requests: int = 0
     in_flight: int = 0
     successes: Counter[str] = field(default_factory=Counter)
+    tokens: Counter[str] = field(default_factory=Counter)
     attempts: Counter[str] = field(default_factory=Counter)
     faults: Counter[str] = field(default_factory=Counter)
 
@@ -98,6 +106,7 @@ class _Stats:
             "chat_requests": self.chat_requests,
             "in_flight": self.in_flight,
             "successes": dict(self.successes),
+            "tokens": dict(self.tokens),
             "attempts": dict(self.attempts),
             "faults": dict(self.faults),
         }
@@ -195,10 +204,12 @@ class _Protocol:
                 await asyncio.sleep(self.config.timeout_hold_s)
             else:
                 await asyncio.sleep(self.config.latency_ms / 1000)
+            reply = self._reply(fault, key, attempt, request, prompt)
             if fault is None:
                 with self._lock:  # counted when the completion is handed to the connection
                     self.stats.successes[key] += 1
-            return self._reply(fault, key, attempt, request, prompt)
+                    self.stats.tokens[key] += _prompt_tokens(prompt) + self.config.completion_tokens
+            return reply
         finally:
             with self._lock:
                 self.stats.in_flight -= 1
@@ -218,9 +229,16 @@ class _Protocol:
             variant = zlib.crc32(f"{key}|{attempt}".encode()) % len(_MALFORMED_BODIES)
             content_type, payload = _MALFORMED_BODIES[variant]
             return 200, {"Content-Type": content_type}, payload
-        wants_json = bool(request.get("response_format"))
-        content = json.dumps({"key": key, "label": "positive"}) if wants_json else f"positive [key={key}]"
-        prompt_tokens = max(1, len(prompt) // 4)
+        response_format = request.get("response_format") or {}
+        schema = (response_format.get("json_schema") or {}).get("schema") or response_format.get("schema")
+        if schema:
+            text = "fake reply from the fault server" if key == _NO_KEY else f"fake reply for {key}"
+            content = json.dumps(instance_for(schema, text))
+        elif response_format:
+            content = json.dumps({"key": key, "label": "positive"})
+        else:
+            content = f"positive [key={key}]"
+        prompt_tokens = _prompt_tokens(prompt)
         completion = {
             "id": f"chatcmpl-fault-{key}-{attempt}",
             "object": "chat.completion",
@@ -236,6 +254,10 @@ class _Protocol:
             },
         }
         return 200, {}, json.dumps(completion).encode()
+
+
+def _prompt_tokens(prompt: str) -> int:
+    return max(1, len(prompt) // 4)
 
 
 _REASONS = {

@@ -103,3 +103,41 @@ def test_the_subprocess_mode_prints_its_port_and_serves_stats():
     assert seen == {"a": "ok:positive [key=a]", "b": "ok:positive [key=b]"}
     assert stats["successes"] == {"a": 2, "b": 1}
     assert after_reset["chat_requests"] == 0
+
+
+def test_structured_requests_get_json_matching_their_schema_and_tokens_are_counted():
+    from pydantic import BaseModel, Field
+
+    from example_dags import order_tools
+    from example_dags.support_common import TicketClassification
+    from governed_ai.core.structured_output import response_format
+    from governed_ai.core.tools.choice import constrained_step_model
+
+    class Ranked(BaseModel):
+        score: int = Field(gt=3, le=9)
+        tags: list[str] = Field(min_length=2)
+        code: str = Field(pattern=r"^(ab|cd)-[0-9]{3}$")
+
+    tools = tuple(order_tools.ORDER_TOOLS.get(n) for n in ("lookup_order", "search_kb"))
+    first_step = constrained_step_model(tools, allow_final=False, answer_schema=None)
+    later_step = constrained_step_model(tools, allow_final=True, answer_schema=None, answer_max_chars=40)
+    schemas = [TicketClassification, Ranked, first_step, later_step]
+    with FaultyFakeOpenAIServer(FaultConfig(latency_ms=1)) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="k", max_retries=0)
+        replies = {}
+        for index, (model, mode) in enumerate(
+            (m, mode) for m in schemas for mode in ("json_schema", "json_object")
+        ):
+            prompt = f"Classify [key=s{index}] please"
+            completion = client.chat.completions.create(
+                model="fake-model",
+                messages=[{"role": "user", "content": prompt}],
+                response_format=response_format(model, mode),  # type: ignore[arg-type]
+            )
+            replies[(model, mode)] = model.model_validate_json(completion.choices[0].message.content or "")
+            assert completion.usage is not None
+            assert server.stats()["tokens"][f"s{index}"] == completion.usage.total_tokens
+        client.close()
+    assert replies[(TicketClassification, "json_schema")].summary == "fake reply for s0"
+    assert replies[(first_step, "json_object")].model_dump()["tool"] == "lookup_order"  # a tool first
+    assert replies[(later_step, "json_schema")].model_dump()["tool"] == "final"  # then the answer

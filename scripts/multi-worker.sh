@@ -76,7 +76,7 @@ launch() {  # launch NAME COMMAND...: start COMMAND in a new session, output app
 }
 
 halt() {  # halt NAME [GRACE_SECONDS]: SIGTERM, then SIGKILL whatever is left of its process tree
-  local name=$1 grace=${2:-30} pid pids waited=0
+  local name=$1 grace=${2:-30} pid pids waited=0 began=$SECONDS
   pid="$(pid_of "$name")"
   if ! alive "$pid"; then
     rm -f "$RUN/$name.pid"
@@ -93,7 +93,7 @@ halt() {  # halt NAME [GRACE_SECONDS]: SIGTERM, then SIGKILL whatever is left of
   kill -KILL $pids 2>/dev/null || true
   kill -KILL -- "-$pid" 2>/dev/null || true
   rm -f "$RUN/$name.pid"
-  say "stopped $name"
+  say "stopped $name ($((SECONDS - began)) s)"
 }
 
 wait_for() {  # wait_for WHAT SECONDS COMMAND...: until COMMAND succeeds; fails fast if a component died
@@ -331,18 +331,17 @@ cmd_start() {
 cmd_stop() {
   [ -f "$ENV_FILE" ] || { say "nothing to stop in $H"; return 0; }
   load_env
-  # Nothing new is scheduled, then the workers finish (or lose) their tasks, then the rest.
-  halt scheduler
-  halt triggerer
-  halt dag-processor
+  # Nothing new is scheduled, then the workers finish (or lose) their tasks, then the rest; each group
+  # in parallel.
+  halt scheduler & halt triggerer & halt dag-processor & wait
   local worker
-  for worker in "${WORKERS[@]}"; do halt "worker-$worker" 20; done
+  for worker in "${WORKERS[@]}"; do halt "worker-$worker" 20 & done
+  wait
   halt api-server
   if [ "${MULTI_WORKER_LOCAL_MODEL:-0}" = 1 ]; then
     governed-ai-local-model stop --state-dir "$H/local_model" >/dev/null || true
   fi
-  halt chroma 10
-  halt redis 10
+  halt chroma 10 & halt redis 10 & wait
   stop_postgres
 }
 
@@ -356,6 +355,10 @@ cmd_status() {
   done
   if as_pg "$(pg_bin)/pg_ctl" -D "$MULTI_WORKER_PG_DIR/data" status >/dev/null 2>&1; then state="running"; else state="stopped"; all=3; fi
   printf '  %-14s %s\n' postgres "$state (127.0.0.1:$MULTI_WORKER_PG_PORT, databases airflow and governance)"
+  if [ "${MULTI_WORKER_LOCAL_MODEL:-0}" = 1 ]; then
+    if governed-ai-local-model status --state-dir "$H/local_model" >/dev/null 2>&1; then state="running"; else state="stopped"; all=3; fi
+    printf '  %-14s %s\n' local-model "$state (the governed_ai_llm_default connection)"
+  fi
   echo "  UI and REST API: $MULTI_WORKER_API_URL (user admin, password in $H/passwords.json)"
   echo "  logs: $LOGS; environment: eval \"\$($0 env)\""
   return "$all"

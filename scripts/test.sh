@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests need (the same pinned venv as the demo, plus a PostgreSQL
-# server binary for the governance store tests, Chromium for the UI browser test), then lints, type-checks and runs the whole suite,
-# including the tests against the real local model, real Chroma, real Great Expectations and Airflow.
+# server binary for the governance store tests, Redis for the Celery cluster test, Chromium for the UI
+# browser test), then lints, type-checks and runs the whole suite, including the tests against the real
+# local model, real Chroma, real Great Expectations and Airflow.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
@@ -11,6 +12,15 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
   else
     echo "test: PostgreSQL server binaries are missing; install them: sudo apt-get install postgresql" >&2
+    exit 1
+  fi
+fi
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "test: installing Redis (Debian package) for the multi-worker (Celery) test"
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  else
+    echo "test: redis-server is missing; install it: sudo apt-get install redis-server" >&2
     exit 1
   fi
 fi

@@ -6,8 +6,8 @@ import threading
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import BaseHook
-from airflow.sdk.exceptions import AirflowNotFoundException
+from airflow.providers.common.compat.sdk import AirflowNotFoundException, BaseHook
+from airflow.providers.common.compat.version_compat import AIRFLOW_V_3_2_PLUS
 from pydantic import BaseModel, ConfigDict
 
 from governed_ai.core.audit import AuditStore
@@ -18,10 +18,11 @@ from governed_ai.core.policy import PolicyEngine, PolicyProvider
 from governed_ai.core.sqlstore import create_store_engine
 from governed_ai.core.subject import Subject
 from governed_ai.hooks.connection_fields import extra_fields
+from governed_ai.hooks.connection_forms import legacy_field_behaviour, legacy_form_widgets
 from governed_ai.hooks.observers import default_observers
 
 if TYPE_CHECKING:
-    from airflow.sdk import Context
+    from airflow.providers.common.compat.sdk import Context
 
 CONFIG_SECTION = "governed_ai"
 NO_POLICY = (
@@ -64,13 +65,17 @@ class GovernanceHook(BaseHook):
     conn_type = "governed_ai_governance"
     hook_name = "Governed AI: Governance"
 
+    if not AIRFLOW_V_3_2_PLUS:  # Airflow 3.1 reads the connection form from the hook: connection_forms.py
+        get_connection_form_widgets = staticmethod(legacy_form_widgets(conn_type))
+        get_ui_field_behaviour = staticmethod(legacy_field_behaviour(conn_type))
+
     def __init__(self, governance_conn_id: str = default_conn_name, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.governance_conn_id = governance_conn_id
 
     @cached_property
     def settings(self) -> GovernanceSettings:
-        from airflow.configuration import conf
+        from airflow.providers.common.compat.sdk import conf
 
         fields: dict[str, Any] = {
             "policy_path": conf.get(CONFIG_SECTION, "policy_path", fallback=None),
@@ -147,9 +152,6 @@ class GovernanceHook(BaseHook):
 
 def _airflow_mask(text: str) -> str:
     """Airflow's own secrets masker: it knows the task's connection passwords and sensitive variables."""
-    try:
-        from airflow.sdk._shared.secrets_masker.secrets_masker import _secrets_masker
-    except ImportError:  # pragma: no cover - layout of a future Airflow
-        return text
-    replacer = _secrets_masker().replacer
-    return replacer.sub("***", text) if replacer is not None else text
+    from airflow.providers.common.compat.sdk import redact
+
+    return str(redact(text))

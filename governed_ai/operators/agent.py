@@ -8,8 +8,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import openai
-from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.providers.common.compat.sdk import AirflowFailException, BaseOperator
 from pydantic import BaseModel, ValidationError
 
 from governed_ai.core.chat import ChatRequest, ChatResult
@@ -37,7 +36,7 @@ from governed_ai.operators.tool import replay_journal, resolve_tools
 from governed_ai.plugins.links import AuditRecordsLink
 
 if TYPE_CHECKING:
-    from airflow.sdk import Context
+    from airflow.providers.common.compat.sdk import Context
 
 
 class AgentIncomplete(RuntimeError):

@@ -20,8 +20,7 @@ work="$PWD/.compat"
 mkdir -p "$work"
 
 started=$SECONDS
-rm -rf "$work/dist"
-"$UV" build --quiet --wheel --out-dir "$work/dist" . >/dev/null
+UV="$UV" scripts/build-dist.sh "$work/dist" >/dev/null
 wheel="$(ls "$work"/dist/airflow_provider_governed_ai-*.whl)"
 echo "compat: built $(basename "$wheel") in $((SECONDS - started)) s"
 
@@ -48,6 +47,7 @@ for line in "${lines[@]}"; do
   # --confcutdir: only tests/compat's conftest applies; --import-mode=append and the venv's own pytest
   # script (not `python -m`, which puts the checkout first on sys.path): the installed wheel is imported.
   if ! GOVERNED_AI_COMPAT_AIRFLOW="$line" GOVERNED_AI_EXAMPLE_DAGS="$PWD/example_dags" \
+      GOVERNED_AI_COMPAT_WHEEL="$wheel" UV="$UV" \
       "$venv/bin/pytest" tests/compat --confcutdir=tests/compat --import-mode=append \
       -p no:cacheprovider -q -m compat; then
     status=1

@@ -54,6 +54,23 @@ def test_the_provider_comes_from_the_installed_wheel_on_the_expected_airflow_lin
     assert (Path(governed_ai.__file__).parent / "core" / "retrieval" / "minilm" / "tokenizer.json").is_file()
 
 
+def test_installing_the_wheel_into_this_deployment_leaves_airflow_as_it_was() -> None:
+    """What ``pip install airflow-provider-governed-ai[chroma,validation]`` would change in this venv: only
+    the provider (a floor above this Airflow would upgrade Airflow and force a database migration)."""
+    wheel, uv = os.environ.get("GOVERNED_AI_COMPAT_WHEEL"), os.environ.get("UV")
+    if not wheel or not uv:
+        pytest.skip("run by scripts/compat.sh, which passes the wheel and uv")
+    done = subprocess.run(
+        [uv, "pip", "install", "--dry-run", "--python", sys.executable,
+         "--reinstall-package", DISTRIBUTION, f"{wheel}[chroma,validation]"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    changes = [line.strip() for line in done.stderr.splitlines() if line.strip().startswith(("+ ", "- "))]
+    assert changes, done.stderr  # the provider itself is reinstalled, so the dry run lists it
+    assert {change[2:].split("==")[0].split(" ")[0] for change in changes} == {DISTRIBUTION}, changes
+
+
 def test_airflow_providers_list_shows_the_provider() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "airflow", "providers", "list", "--output", "json"],

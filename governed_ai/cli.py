@@ -1,5 +1,6 @@
-"""``governed-ai``: check a policy, read and verify the audit trail, show budget status.
+"""``governed-ai``: write and check a policy, read and verify the audit trail, show budget status.
 
+    governed-ai policy init [PATH] [--force]     # a commented starter policy (default under AIRFLOW_HOME)
     governed-ai policy check POLICY.yaml
     governed-ai audit tail [-n 20] | query [--dag-id ..] [--run-id ..] [--action ..] [--decision deny]
     governed-ai audit export FILE.jsonl [filters]
@@ -18,6 +19,7 @@ import argparse
 import json
 import os
 import sys
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,25 @@ from governed_ai.core.ledger import BudgetLedger
 from governed_ai.core.paths import default_store_url, provider_home
 from governed_ai.core.policy import PolicyError, PolicyProvider, load_policy_file
 from governed_ai.core.sqlstore import create_store_engine
+
+#: The policy ``governed-ai policy init`` writes: fail-closed, one rule, one daily budget, redaction on.
+STARTER_POLICY = "starter_policy.yaml"
+
+
+def starter_policy_text() -> str:
+    return (resources.files("governed_ai.policies") / STARTER_POLICY).read_text(encoding="utf-8")
+
+
+def default_policy_path() -> Path:
+    return provider_home() / "governance_policy.yaml"
+
+
+def init_policy(path: Path, *, force: bool = False) -> None:
+    """Write the starter policy to ``path``; an existing file is kept unless ``force``."""
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} exists; keep it, choose another path, or pass --force to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(starter_policy_text(), encoding="utf-8")
 
 
 def _store_url(explicit: str | None) -> str:
@@ -93,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     groups = parser.add_subparsers(dest="group", required=True)
 
     policy = groups.add_parser("policy").add_subparsers(dest="command", required=True)
+    init = policy.add_parser("init", help="write a commented, fail-closed starter policy")
+    default_path = "$AIRFLOW_HOME/governed_ai/governance_policy.yaml"
+    init.add_argument("path", type=Path, nargs="?", default=None, help=f"default: {default_path}")
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
     check = policy.add_parser("check", help="validate a policy file; exit 1 with line-numbered errors")
     check.add_argument("path", type=Path)
 
@@ -123,6 +148,18 @@ def main(argv: list[str] | None = None) -> int:
     budget.add_parser("status", help="spend, holds and remaining per budget period")
 
     args = parser.parse_args(argv)
+
+    if args.group == "policy" and args.command == "init":
+        path = args.path or default_policy_path()
+        try:
+            init_policy(path, force=args.force)
+        except FileExistsError as err:
+            print(str(err), file=sys.stderr)
+            return 1
+        print(f"wrote {path}: edit the lines marked EDIT, then")
+        print(f"  governed-ai policy check {path}")
+        print(f"  export AIRFLOW__GOVERNED_AI__POLICY_PATH={path}")
+        return 0
 
     if args.group == "policy":
         try:

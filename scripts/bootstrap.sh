@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv and installs the pinned lock, the model/embedding packages and this provider (editable).
+# Creates .venv and installs the pinned lock (the model and embedding packages included) and this provider
+# (editable).
 # Idempotent: skips the install when nothing it depends on changed. The only compiled dependency,
 # llama-cpp-python, builds from source on first use (~5 min on 2 cores) and is cached by uv afterwards.
 set -euo pipefail
@@ -16,7 +17,7 @@ fi
 [ -x "$VENV/bin/uv" ] || "$VENV/bin/python" -m pip install --quiet "uv==$UV_VERSION"
 
 stamp="$VENV/.governed-ai-installed"
-want="$(cat requirements/lock.txt requirements/no-deps.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
+want="$(cat requirements/lock.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -25,7 +26,6 @@ echo "bootstrap: installing pinned dependencies into $VENV (first run compiles l
 export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}"
 uv=("$VENV/bin/uv" pip install --quiet --python "$VENV/bin/python")
 "${uv[@]}" -r requirements/lock.txt
-"${uv[@]}" --no-deps -r requirements/no-deps.txt
 # A leftover *.egg-info registers the provider's entry point twice ("already registered").
 rm -rf ./*.egg-info
 "${uv[@]}" --no-deps -e .

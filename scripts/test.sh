@@ -2,7 +2,8 @@
 # The test command: installs what the tests need (the same pinned venv as the demo, plus a PostgreSQL
 # server binary for the governance store tests, Redis for the Celery cluster test, Chromium for the UI
 # browser test), then lints, type-checks and runs the whole suite, including the tests against the real
-# local model, real Chroma, real Great Expectations and Airflow.
+# local model, real Chroma, real Great Expectations and Airflow, and then the compatibility suite: the
+# built wheel on Airflow 3.1 and 3.2 in venvs of their own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
@@ -38,5 +39,10 @@ echo "test: ruff"
 ruff check governed_ai tests example_dags benchmarks
 echo "test: mypy"
 mypy
-echo "test: pytest"
-exec python -m pytest "$@"
+echo "test: pytest (Airflow 3.3)"
+status=0
+python -m pytest "$@" || status=$?
+# The built wheel in its own venvs with the newest Airflow 3.1 (every dependency at its floor) and 3.2.
+echo "test: compatibility suite (scripts/compat.sh)"
+scripts/compat.sh || status=$?
+exit $status

@@ -244,3 +244,52 @@ def test_store_url_falls_back_to_the_config_env_var(capsys, store_url, monkeypat
     code, out, _ = run(capsys, "audit", "query", "--decision", "deny")
 
     assert code == 0 and len(out.splitlines()) == 1
+
+
+# -- policy init: the starter policy a wheel user begins with -------------------------------------------
+
+
+def test_policy_init_writes_a_starter_policy_that_checks_and_grants_only_what_it_says(capsys, tmp_path):
+    path = tmp_path / "policies" / "governance_policy.yaml"
+
+    code, out, _ = run(capsys, "policy", "init", str(path))
+
+    assert code == 0 and f"governed-ai policy check {path}" in out
+    assert "# EDIT" in path.read_text()  # commented for the person who edits it
+    code, out, _ = run(capsys, "policy", "check", str(path))
+    assert code == 0 and "OK — 1 rule(s), 1 budget(s)" in out
+
+    engine = PolicyProvider(path).engine()
+    granted = Subject(dag_id="ai_summaries", task_id="summarise")
+    assert engine.authorize_model(granted, "governed_ai_llm_default", "gpt-4o-mini").allowed
+    assert engine.resolve_model(granted, "governed_ai_llm_default", "default") == ["gpt-4o-mini"]
+    # Fail-closed: another DAG, another model or another connection is denied.
+    assert not engine.authorize_model(
+        Subject(dag_id="etl", task_id="t"), "governed_ai_llm_default", "gpt-4o-mini"
+    ).allowed
+    assert not engine.authorize_model(granted, "governed_ai_llm_default", "gpt-4o").allowed
+    assert not engine.authorize_model(granted, "other_llm", "gpt-4o-mini").allowed
+    redaction = engine.redaction_for(granted)
+    assert redaction.prompts and redaction.outputs and not redaction.store_content
+    assert [b.name for b in engine.budgets_for(granted)] == ["ai-dags-daily"]
+
+
+def test_policy_init_never_overwrites_without_force(capsys, tmp_path):
+    path = tmp_path / "governance_policy.yaml"
+    path.write_text("version: 1\n# my own policy\n")
+
+    code, _, err = run(capsys, "policy", "init", str(path))
+    assert code == 1 and "--force" in err
+    assert path.read_text() == "version: 1\n# my own policy\n"
+
+    code, _, _ = run(capsys, "policy", "init", str(path), "--force")
+    assert code == 0 and "name: ai-dags" in path.read_text()
+
+
+def test_policy_init_defaults_to_the_provider_home_under_airflow_home(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path))
+
+    code, out, _ = run(capsys, "policy", "init")
+
+    written = tmp_path / "governed_ai" / "governance_policy.yaml"
+    assert code == 0 and written.is_file() and str(written) in out

@@ -23,6 +23,8 @@ from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.engine.interfaces import Dialect
 from sqlalchemy.types import TypeDecorator
 
+from governed_ai.core.extras import requires_extra
+
 #: The one MetaData every governance table of the provider is declared on.
 governance_metadata = MetaData()
 
@@ -106,9 +108,11 @@ def create_store_engine(settings: SqlStoreSettings | str | URL, **engine_kwargs:
             f"unsupported database {dialect!r} for the governance store; "
             f"use one of {sorted(SUPPORTED_DIALECTS)}"
         )
+    if dialect != "sqlite":
+        with requires_extra("postgres"):  # the extra brings the driver (psycopg)
+            return create_engine(url, echo=settings.echo, **engine_kwargs)
     engine = create_engine(url, echo=settings.echo, **engine_kwargs)
-    if dialect == "sqlite":
-        _install_sqlite_hooks(engine, settings)
+    _install_sqlite_hooks(engine, settings)
     return engine
 
 

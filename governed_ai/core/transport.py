@@ -15,12 +15,13 @@ batch of thousands of calls on one core cannot afford. Retries follow the one re
 from __future__ import annotations
 
 import base64
+import importlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Generic, TypeVar
 
-import httpx2
 import numpy as np
 import openai
 import orjson
@@ -147,6 +148,17 @@ class Sent(Generic[ResultT]):
     result: ResultT
     http_attempts: int
     seconds: float
+
+
+@lru_cache(maxsize=1)
+def _http_response_type() -> type[Any]:
+    """The response class of the HTTP library this openai SDK is built on (``httpx`` in 2.x, ``httpx2`` in
+    3.x): asking ``post`` for it returns the raw response, unparsed."""
+    base = next(
+        cls for cls in openai.DefaultAsyncHttpxClient.__mro__ if cls.__name__ == "AsyncClient"
+    )
+    response: type[Any] = importlib.import_module(base.__module__.split(".")[0]).Response
+    return response
 
 
 def per_minute_limiter(per_minute: float, *, largest: float = 1.0) -> AsyncLimiter:
@@ -281,7 +293,7 @@ class ModelTransport:
                     if deadline is not None:
                         timeout = min(timeout, max(0.001, deadline - (time.monotonic() - started)))
                     response = await self._sdk().post(
-                        path, body=body, cast_to=httpx2.Response, options={"timeout": timeout}
+                        path, body=body, cast_to=_http_response_type(), options={"timeout": timeout}
                     )
                     content = response.content
                     if path == "/chat/completions":

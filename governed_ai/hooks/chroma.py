@@ -7,14 +7,15 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import BaseHook
-from airflow.sdk.exceptions import AirflowNotFoundException
+from airflow.providers.common.compat.sdk import AirflowNotFoundException, BaseHook
+from airflow.providers.common.compat.version_compat import AIRFLOW_V_3_2_PLUS
 
 from governed_ai.core.paths import provider_home
 from governed_ai.core.retrieval.chroma_store import ChromaStore
 from governed_ai.core.retrieval.embeddings import Embedder, OfflineMiniLMEmbedding
 from governed_ai.core.retrieval.settings import ChromaSettings
 from governed_ai.hooks.connection_fields import extra_fields
+from governed_ai.hooks.connection_forms import legacy_field_behaviour, legacy_form_widgets
 
 if TYPE_CHECKING:
     from chromadb.api import ClientAPI
@@ -56,6 +57,10 @@ class ChromaHook(BaseHook):
     default_conn_name = "governed_ai_chroma_default"
     conn_type = "governed_ai_chroma"
     hook_name = "Governed AI: Chroma"
+
+    if not AIRFLOW_V_3_2_PLUS:  # Airflow 3.1 reads the connection form from the hook: connection_forms.py
+        get_connection_form_widgets = staticmethod(legacy_form_widgets(conn_type))
+        get_ui_field_behaviour = staticmethod(legacy_field_behaviour(conn_type))
 
     def __init__(self, chroma_conn_id: str = default_conn_name, **kwargs: Any) -> None:
         super().__init__(**kwargs)

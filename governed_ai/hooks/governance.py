@@ -9,8 +9,8 @@ from collections.abc import Callable
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import BaseHook
-from airflow.sdk.exceptions import AirflowNotFoundException
+from airflow.providers.common.compat.sdk import AirflowNotFoundException, BaseHook
+from airflow.providers.common.compat.version_compat import AIRFLOW_V_3_2_PLUS
 from pydantic import BaseModel, ConfigDict
 
 from governed_ai.core.audit import ANCHOR_EVERY_RECORDS, ANCHOR_EVERY_SECONDS, AuditStore
@@ -25,11 +25,12 @@ from governed_ai.core.policy import PolicyEngine, PolicyProvider
 from governed_ai.core.sqlstore import create_store_engine
 from governed_ai.core.subject import Subject
 from governed_ai.hooks.connection_fields import extra_fields
+from governed_ai.hooks.connection_forms import legacy_field_behaviour, legacy_form_widgets
 from governed_ai.hooks.llm import LLMHook
 from governed_ai.hooks.observers import default_observers
 
 if TYPE_CHECKING:
-    from airflow.sdk import Connection, Context
+    from airflow.providers.common.compat.sdk import Connection, Context
 
 CONFIG_SECTION = "governed_ai"
 JOURNAL_DIGEST_PURPOSE = "journal-and-item-keys"
@@ -90,6 +91,10 @@ class GovernanceHook(BaseHook):
     conn_type = "governed_ai_governance"
     hook_name = "Governed AI: Governance"
 
+    if not AIRFLOW_V_3_2_PLUS:  # Airflow 3.1 reads the connection form from the hook: connection_forms.py
+        get_connection_form_widgets = staticmethod(legacy_form_widgets(conn_type))
+        get_ui_field_behaviour = staticmethod(legacy_field_behaviour(conn_type))
+
     def __init__(self, governance_conn_id: str = default_conn_name, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.governance_conn_id = governance_conn_id
@@ -102,7 +107,7 @@ class GovernanceHook(BaseHook):
 
     @cached_property
     def settings(self) -> GovernanceSettings:
-        from airflow.configuration import conf
+        from airflow.providers.common.compat.sdk import conf
 
         fields: dict[str, Any] = {
             "policy_path": conf.get(CONFIG_SECTION, "policy_path", fallback=None),
@@ -136,7 +141,7 @@ class GovernanceHook(BaseHook):
         ``$AIRFLOW_HOME/governed_ai/audit.key``. With ``create_dev_key`` the key file is created when
         nothing else is configured (a warning says that several workers need a shared key instead);
         otherwise None is returned, and verification reports that it cannot verify."""
-        from airflow.configuration import conf
+        from airflow.providers.common.compat.sdk import conf
 
         connection = self._connection()
         if connection is not None:
@@ -164,7 +169,7 @@ class GovernanceHook(BaseHook):
         if not location:
             return AnchorLog(provider_home() / "anchors")
         if "://" in location and not location.startswith("file://"):
-            from airflow.sdk import ObjectStoragePath
+            from airflow.providers.common.compat.sdk import ObjectStoragePath
 
             return AnchorLog(ObjectStoragePath(location))
         return AnchorLog(location.removeprefix("file://"))
@@ -338,7 +343,7 @@ def register_secret_with_airflow(value: str) -> None:
         return
     mask(value)
     try:
-        from airflow.sdk import get_current_context
+        from airflow.providers.common.compat.sdk import get_current_context
 
         task: Any = get_current_context()["task"]
         task.overwrite_rtif_after_execution = True
@@ -402,9 +407,6 @@ def _store_rendered_fields_again(task: Any) -> None:
 
 def _airflow_mask(text: str) -> str:
     """Airflow's own secrets masker: it knows the task's connection passwords and sensitive variables."""
-    try:
-        from airflow.sdk._shared.secrets_masker.secrets_masker import _secrets_masker
-    except ImportError:  # pragma: no cover - layout of a future Airflow
-        return text
-    replacer = _secrets_masker().replacer
-    return replacer.sub("***", text) if replacer is not None else text
+    from airflow.providers.common.compat.sdk import redact
+
+    return str(redact(text))

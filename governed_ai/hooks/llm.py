@@ -6,11 +6,13 @@ import asyncio
 from functools import cached_property
 from typing import Any
 
-from airflow.sdk import BaseHook
+from airflow.providers.common.compat.sdk import BaseHook
+from airflow.providers.common.compat.version_compat import AIRFLOW_V_3_2_PLUS
 
 from governed_ai.core.llm_settings import LLMConnectionSettings
 from governed_ai.core.transport import ModelTransport
 from governed_ai.hooks.connection_fields import extra_fields
+from governed_ai.hooks.connection_forms import legacy_field_behaviour, legacy_form_widgets
 
 
 class LLMHook(BaseHook):
@@ -34,6 +36,10 @@ class LLMHook(BaseHook):
     default_conn_name = "governed_ai_llm_default"
     conn_type = "governed_ai_llm"
     hook_name = "Governed AI: LLM (OpenAI-compatible)"
+
+    if not AIRFLOW_V_3_2_PLUS:  # Airflow 3.1 reads the connection form from the hook: connection_forms.py
+        get_connection_form_widgets = staticmethod(legacy_form_widgets(conn_type))
+        get_ui_field_behaviour = staticmethod(legacy_field_behaviour(conn_type))
 
     def __init__(self, llm_conn_id: str = default_conn_name, **kwargs: Any) -> None:
         super().__init__(**kwargs)

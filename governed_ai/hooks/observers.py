@@ -13,12 +13,12 @@ class AirflowStatsSink:
     """Sends to whatever ``[metrics]`` configures: StatsD, Datadog or OpenTelemetry metrics (or nothing)."""
 
     def incr(self, stat: str, count: int = 1, *, tags: dict[str, Any] | None = None) -> None:
-        from airflow.sdk.observability.stats import Stats
+        from airflow.providers.common.compat.sdk import Stats
 
         Stats.incr(stat, count, tags=_str_tags(tags))
 
     def timing(self, stat: str, ms: float, *, tags: dict[str, Any] | None = None) -> None:
-        from airflow.sdk.observability.stats import Stats
+        from airflow.providers.common.compat.sdk import Stats
 
         Stats.timing(stat, timedelta(milliseconds=ms), tags=_str_tags(tags))
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import BaseOperator
+from airflow.providers.common.compat.sdk import BaseOperator
 from pydantic import BaseModel, ValidationError
 
 from governed_ai.core.errors import GovernanceDenied, InvalidInput
@@ -33,7 +33,7 @@ from governed_ai.operators.tool import replay_journal, resolve_tools
 from governed_ai.plugins.links import AuditRecordsLink
 
 if TYPE_CHECKING:
-    from airflow.sdk import Context
+    from airflow.providers.common.compat.sdk import Context
 
 
 class AgentIncomplete(RuntimeError):

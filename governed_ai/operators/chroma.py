@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import BaseOperator
+from airflow.providers.common.compat.sdk import BaseOperator
 
 from governed_ai.core.errors import InvalidInput
 from governed_ai.core.retrieval.chroma_store import ChromaStore
@@ -20,11 +20,11 @@ from governed_ai.hooks.chroma import ChromaHook
 from governed_ai.hooks.governance import GovernanceHook
 from governed_ai.operators.errors import airflow_errors
 from governed_ai.operators.lineage import operator_lineage
-from governed_ai.operators.storage import storage_path
+from governed_ai.operators.storage import relative_name, storage_path
 from governed_ai.plugins.links import AuditRecordsLink
 
 if TYPE_CHECKING:
-    from airflow.sdk import Context
+    from airflow.providers.common.compat.sdk import Context
 
 # Files read as plain text; anything else in a directory is skipped (and named in the log).
 TEXT_SUFFIXES = frozenset({".txt", ".md", ".markdown", ".rst", ".text"})
@@ -191,7 +191,7 @@ class ChromaIngestOperator(_GovernedChromaOperator):
         for file in sorted(root.rglob("*"), key=str):
             if not file.is_file():
                 continue
-            relative = str(file.relative_to(root))
+            relative = relative_name(file, root)
             if file.suffix.lower() not in TEXT_SUFFIXES:
                 self.log.info("Skipping %s: not a text or Markdown file", relative)
                 continue

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import BaseOperator
+from airflow.providers.common.compat.sdk import BaseOperator
 from pydantic import BaseModel
 
 from governed_ai.core.chat import ChatRequest, Message, build_messages
@@ -20,7 +20,7 @@ from governed_ai.operators.lineage import operator_lineage
 from governed_ai.plugins.links import AuditRecordsLink
 
 if TYPE_CHECKING:
-    from airflow.sdk import Context
+    from airflow.providers.common.compat.sdk import Context
 
 
 class LLMOperator(BaseOperator):

@@ -8,8 +8,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.providers.common.compat.sdk import AirflowFailException, BaseOperator
 
 from governed_ai.core.audit import AuditRecord
 from governed_ai.core.paths import provider_home
@@ -32,7 +31,7 @@ from governed_ai.operators.storage import read_text
 from governed_ai.plugins.links import AuditRecordsLink
 
 if TYPE_CHECKING:
-    from airflow.sdk import Context
+    from airflow.providers.common.compat.sdk import Context
 
     from governed_ai.core.governor import Governor
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from airflow.sdk import BaseOperatorLink
+from airflow.providers.common.compat.sdk import BaseOperatorLink
 
 from governed_ai.plugins.urls import DEFAULT_BASE_URL, task_instance_view_url
 
 if TYPE_CHECKING:
-    from airflow.sdk import BaseOperator
-    from airflow.sdk.types import TaskInstanceKey
+    from airflow.providers.common.compat.sdk import BaseOperator, TaskInstanceKey
 
 
 class AuditRecordsLink(BaseOperatorLink):
@@ -25,7 +24,7 @@ class AuditRecordsLink(BaseOperatorLink):
     name = "AI audit records"
 
     def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
-        from airflow.sdk.configuration import conf
+        from airflow.providers.common.compat.sdk import conf
 
         base_url = conf.get("api", "base_url", fallback=DEFAULT_BASE_URL) or DEFAULT_BASE_URL
         map_index = getattr(ti_key, "map_index", -1)

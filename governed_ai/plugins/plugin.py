@@ -12,7 +12,7 @@ import threading
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from airflow.plugins_manager import AirflowPlugin
+from airflow.providers.common.compat.sdk import AirflowPlugin
 
 from governed_ai.plugins import listener
 from governed_ai.plugins.links import AuditRecordsLink

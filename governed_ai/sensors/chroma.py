@@ -7,8 +7,7 @@ from datetime import datetime, timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import BaseSensorOperator
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.providers.common.compat.sdk import AirflowFailException, BaseSensorOperator
 
 from governed_ai.core.errors import GovernanceDenied
 from governed_ai.core.retrieval.chroma_store import EmbeddingModelMismatch
@@ -19,7 +18,7 @@ from governed_ai.operators.chroma import as_datetime, check_collection_name
 from governed_ai.triggers.chroma import ChromaCollectionTrigger
 
 if TYPE_CHECKING:
-    from airflow.sdk import Context
+    from airflow.providers.common.compat.sdk import Context
 
 
 class ChromaCollectionSensor(BaseSensorOperator):

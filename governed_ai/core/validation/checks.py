@@ -33,6 +33,7 @@ from pydantic import (
     model_validator,
 )
 
+from governed_ai.core.extras import requires_extra
 from governed_ai.core.redaction import RedactionSettings, Redactor
 
 if TYPE_CHECKING:
@@ -376,7 +377,8 @@ class JsonSchemaCheck(_DerivedRowCheck):
         ):
             raise ValueError(f"model must be a pydantic model class, got {self.model!r}")
         if self.json_schema is not None:
-            from jsonschema import SchemaError, validators
+            with requires_extra("validation"):
+                from jsonschema import SchemaError, validators
 
             try:
                 validators.validator_for(self.json_schema).check_schema(self.json_schema)
@@ -406,8 +408,9 @@ class JsonSchemaCheck(_DerivedRowCheck):
 
             return with_model
 
-        from jsonschema import validators
-        from jsonschema.exceptions import best_match
+        with requires_extra("validation"):
+            from jsonschema import validators
+            from jsonschema.exceptions import best_match
 
         schema = self.json_schema or {}
         validator = validators.validator_for(schema)(schema)

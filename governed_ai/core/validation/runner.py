@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from governed_ai.core.extras import requires_extra
 from governed_ai.core.validation.checks import CHECK_META_KEY, Check, as_text
 from governed_ai.core.validation.report import CheckReport, Example
 from governed_ai.core.validation.suite import ValidationSuite
@@ -173,7 +174,8 @@ def run_suite(
 
 
 def _frame(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> pd.DataFrame:
-    import pandas as pd
+    with requires_extra("validation"):
+        import pandas as pd
 
     # Object columns keep values as the model produced them (no int->float coercion around missing values).
     data = {column: pd.Series([row.get(column) for row in rows], dtype=object) for column in columns}
@@ -205,8 +207,9 @@ class GxRuntime:
             # GX logs dozens of INFO lines while importing and building a context; they would fill every
             # task log. Only when nobody configured this logger.
             gx_logger.setLevel(logging.WARNING)
-        import great_expectations as gx
-        from great_expectations.data_context.types.base import ProgressBarsConfig
+        with requires_extra("validation"):
+            import great_expectations as gx
+            from great_expectations.data_context.types.base import ProgressBarsConfig
 
         self.gx: ModuleType = gx
         self._context = gx.get_context(mode="ephemeral")

@@ -1,0 +1,1 @@
+"""Policies shipped with the provider: the starter policy written by ``governed-ai policy init``."""

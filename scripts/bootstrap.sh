@@ -26,7 +26,9 @@ echo "bootstrap: installing pinned dependencies into $VENV (first run compiles l
 export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}"
 uv=("$VENV/bin/uv" pip install --quiet --python "$VENV/bin/python")
 "${uv[@]}" -r requirements/lock.txt
-# A leftover *.egg-info registers the provider's entry point twice ("already registered").
+# A leftover *.egg-info registers the provider's entry point twice ("already registered"); the editable
+# install's metadata lives in the venv, so the build's egg-info is removed afterwards too.
 rm -rf ./*.egg-info
 "${uv[@]}" --no-deps -e .
+rm -rf ./*.egg-info
 echo "$want" > "$stamp"

@@ -75,6 +75,9 @@ def catalog_enrichment() -> None:
         budget_block_size=4,
         # Items the budget leaves for tomorrow are expected, not a failure of tonight's run.
         on_budget_exhausted="succeed",
+        # SmolLM2-135M without repairs sometimes writes a blurb that does not fit the schema: it is retried
+        # on the next night's run, it does not fail this one.
+        max_failure_rate=0.25,
     )
 
     @task

@@ -1,10 +1,15 @@
-"""Governance showcase: an allowed call, a denied call and a budget stop, all in the audit trail.
+"""Governance showcase: an allowed call, a denied call, a cheaper model near the budget's limit and a budget
+stop, all in the audit trail.
 
 What it shows, against the policy in ``policies/governance_policy.yaml``:
 
 - ``allowed_call`` asks the local model a question; the rule ``governance-showcase`` grants it.
 - ``denied_model`` asks for ``gpt-4o``, which no rule grants to this DAG: the task fails at once, without
   retries and without any request reaching a model server, and the denial names how to grant it.
+- ``near_the_limit`` asks for the route ``default``; the rule routes it to ``smollm2``, but once the run's
+  budget is past 15% used it switches to the cheaper ``smollm2-economy`` (the same local weights served
+  under a second name with a lower nominal price): the switch is a ``model.route`` record, in the task's
+  XCom (``governance.budget_route``) and in its lineage facet.
 - ``over_budget`` asks for up to 256 reply tokens when the per-run budget ``showcase-per-run`` (300
   tokens) cannot hold that on top of what ``allowed_call`` spent: it is stopped before the call.
 - ``audit_report`` (runs whatever happened upstream) reads this run's audit records and checks that
@@ -47,6 +52,14 @@ def governance_showcase() -> None:
         model="gpt-4o",
         max_tokens=60,
     )
+    near_the_limit = LLMOperator(
+        task_id="near_the_limit",
+        trigger_rule="all_done",  # runs although denied_model failed
+        prompt="Name one tool that schedules data pipelines.",
+        model="default",  # a policy route: it picks the model, and a cheaper one near the budget's limit
+        max_tokens=24,
+        temperature=0.0,
+    )
     over_budget = LLMOperator(
         task_id="over_budget",
         trigger_rule="all_done",  # runs although denied_model failed: that failure is the point
@@ -64,6 +77,7 @@ def governance_showcase() -> None:
         expected = {
             ("allowed_call", "model.call", "allow"),
             ("denied_model", "model.authorize", "deny"),
+            ("near_the_limit", "model.route", "n/a"),
             ("over_budget", "budget.deny", "deny"),
         }
         missing = expected - outcomes
@@ -75,7 +89,7 @@ def governance_showcase() -> None:
             raise RuntimeError(f"audit chain broken: {chain.problem}")
         return {"records": len(records), "chain_ok": chain.ok}
 
-    allowed_call >> denied_model >> over_budget >> audit_report()
+    allowed_call >> denied_model >> near_the_limit >> over_budget >> audit_report()
 
 
 governance_showcase()

@@ -45,10 +45,16 @@ def get_provider_info() -> dict[str, Any]:
             },
         ],
         "sensors": [
-            {"integration-name": "Governed AI", "python-modules": ["governed_ai.sensors.chroma"]},
+            {
+                "integration-name": "Governed AI",
+                "python-modules": ["governed_ai.sensors.chroma", "governed_ai.sensors.budget"],
+            },
         ],
         "triggers": [
-            {"integration-name": "Governed AI", "python-modules": ["governed_ai.triggers.chroma"]},
+            {
+                "integration-name": "Governed AI",
+                "python-modules": ["governed_ai.triggers.chroma", "governed_ai.triggers.budget"],
+            },
         ],
         "config": {
             "governed_ai": {

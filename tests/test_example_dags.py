@@ -69,6 +69,7 @@ def test_governance_showcase_allows_denies_and_stops_on_budget(airflow_db, local
     states = {ti.task_id: ti for ti in run.get_task_instances()}
     assert states["allowed_call"].state == TaskInstanceState.SUCCESS
     assert states["denied_model"].state == TaskInstanceState.FAILED
+    assert states["near_the_limit"].state == TaskInstanceState.SUCCESS
     assert states["over_budget"].state == TaskInstanceState.FAILED
     assert states["audit_report"].state == TaskInstanceState.SUCCESS
     # A denial is final: no retry although the DAG's default_args allow two.
@@ -82,5 +83,17 @@ def test_governance_showcase_allows_denies_and_stops_on_budget(airflow_db, local
         ("over_budget", "budget.deny"),
     }
     assert "showcase-per-run" in next(r.error for r in denied if r.action == "budget.deny")
-    assert [r.task_id for r in records if r.action == "model.call"] == ["allowed_call"]
+    calls = [(r.task_id, r.model) for r in records if r.action == "model.call"]
+    # Past 15% of the run's budget, the route 'default' switched to its cheaper model, and said so.
+    assert calls == [("allowed_call", "smollm2"), ("near_the_limit", "smollm2-economy")]
+    (route,) = [r for r in records if r.action == "model.route"]
+    assert (route.extra["from"], route.extra["to"], route.extra["budget"]) == (
+        "smollm2",
+        "smollm2-economy",
+        "showcase-per-run",
+    )
+    xcom = states["near_the_limit"].xcom_pull(task_ids="near_the_limit")
+    assert (
+        xcom["model"] == "smollm2-economy" and xcom["governance"]["budget_route"]["to"] == "smollm2-economy"
+    )
     assert audit.verify().ok

@@ -302,3 +302,32 @@ def stop_message(
         f"The next request needs up to {need}, and {why}.{reset} Raise the budget's limit in the policy, "
         "run the rest after it resets (a BudgetSensor waits for that), or lower max_tokens."
     )
+
+
+def room_for(
+    governor: Governor,
+    subject: Subject,
+    *,
+    tokens: int,
+    cost_usd: float = 0.0,
+    budgets: Sequence[str] | None = None,
+) -> tuple[bool, str]:
+    """Whether every budget that applies to ``subject`` (or those named in ``budgets``) has room, now,
+    for ``tokens``/``cost_usd`` on top of what is spent and held; with a line saying why (for sensors)."""
+    keys = [k for k in governor.budget_keys(subject) if budgets is None or k.budget in budgets]
+    if budgets is not None:
+        missing = set(budgets) - {k.budget for k in keys}
+        if missing:
+            return False, f"budget(s) {sorted(missing)} do not apply to this task under the current policy"
+    if not keys:
+        return True, "no budget applies to this task"
+    short = []
+    for status in governor.ledger.status(keys):
+        if status.remaining_tokens is not None and status.remaining_tokens < tokens:
+            short.append(f"'{status.budget}' ({status.period}) has {status.remaining_tokens:,} tokens left")
+        if status.remaining_cost_usd is not None and status.remaining_cost_usd < cost_usd:
+            short.append(f"'{status.budget}' ({status.period}) has ${status.remaining_cost_usd:.6f} left")
+    if short:
+        return False, f"waiting for room for {tokens:,} tokens: " + "; ".join(short)
+    periods = ", ".join(f"'{k.budget}' ({k.period})" for k in keys)
+    return True, f"budget has room for {tokens:,} tokens: {periods}"

@@ -81,6 +81,9 @@ class GovernedChatResult:
     prompt_version: str | None
     redactions: int
     fallbacks_tried: tuple[str, ...] = ()
+    #: Set when a route switched to its cheaper model near a budget's limit:
+    #: requested, from, to, budget, used.
+    budget_route: dict[str, Any] | None = None
 
     @property
     def replayed(self) -> bool:
@@ -88,12 +91,15 @@ class GovernedChatResult:
         return self.result.attempts > 0 and self.result.replayed_attempts == self.result.attempts
 
     def governance(self) -> dict[str, Any]:
-        return governance_xcom(
+        governance = governance_xcom(
             rule=self.rule,
             prompt_version=self.prompt_version,
             redactions=self.redactions,
             fallbacks_tried=self.fallbacks_tried,
         )
+        if self.budget_route is not None:
+            governance["budget_route"] = dict(self.budget_route)
+        return governance
 
     def to_xcom(self) -> dict[str, Any]:
         r = self.result
@@ -275,7 +281,7 @@ class GovernedClient:
         check_reply: ReplyCheck | None = None,
     ) -> GovernedChatResult:
         requested = self.resolve_requested(request.model)
-        candidates = await self._candidates(self.governor.engine(), requested, prompt_version)
+        candidates, budget_route = await self._candidates(self.governor.engine(), requested, prompt_version)
         tried: list[str] = []
         last: ModelUnavailable | None = None
         for model in candidates:
@@ -294,24 +300,35 @@ class GovernedClient:
                 prompt_version=prompt_version,
                 redactions=redactions,
                 fallbacks_tried=tuple(tried),
+                budget_route=budget_route,
             )
         assert last is not None  # candidates is never empty: an empty route is denied
         raise last
 
     async def _candidates(
         self, engine: PolicyEngine, requested: str, prompt_version: str | None
-    ) -> list[str]:
+    ) -> tuple[list[str], dict[str, Any] | None]:
         """The models to try for ``requested`` (a role or a model), in order; denied when none is granted.
 
         A route with ``when_budget_above`` switches to its cheaper model once a budget that applies is used
         (spent and held) past the threshold; the switch is audited (``model.route``) once per task.
         """
         economy = False
+        budget_route: dict[str, Any] | None = None
         route = engine.route_for(self.subject, requested)
         switch = route.when_budget_above if route is not None else None
         if route is not None and switch is not None:
             budget, used = await self._budget_use(switch.budget)
             economy = used >= switch.fraction
+            if economy:
+                budget_route = {
+                    "requested": requested,
+                    "from": route.model,
+                    "to": switch.model,
+                    "budget": budget,
+                    "used": round(used, 4),
+                    "threshold": switch.fraction,
+                }
             if economy and (requested, switch.model) not in self._route_recorded:
                 self._route_recorded.add((requested, switch.model))
                 await self._record(
@@ -323,21 +340,14 @@ class GovernedClient:
                         model=switch.model,
                         prompt_version=prompt_version,
                         outcome="switched",
-                        extra={
-                            "requested": requested,
-                            "from": route.model,
-                            "to": switch.model,
-                            "budget": budget,
-                            "used": round(used, 4),
-                            "threshold": switch.fraction,
-                        },
+                        extra=dict(budget_route or {}),
                     )
                 )
         candidates = engine.resolve_model(self.subject, self.connection_id, requested, economy=economy)
         if not candidates:
             decision = engine.authorize_model(self.subject, self.connection_id, requested)
             await self._deny(decision, model=requested, prompt_version=prompt_version)
-        return candidates
+        return candidates, budget_route
 
     async def _budget_use(self, globs: Sequence[str] | None) -> tuple[str | None, float]:
         """The most used budget that applies (among ``globs``, if given): its name and the fraction of its

@@ -154,9 +154,7 @@ class Sent(Generic[ResultT]):
 def _http_response_type() -> type[Any]:
     """The response class of the HTTP library this openai SDK is built on (``httpx`` in 2.x, ``httpx2`` in
     3.x): asking ``post`` for it returns the raw response, unparsed."""
-    base = next(
-        cls for cls in openai.DefaultAsyncHttpxClient.__mro__ if cls.__name__ == "AsyncClient"
-    )
+    base = next(cls for cls in openai.DefaultAsyncHttpxClient.__mro__ if cls.__name__ == "AsyncClient")
     response: type[Any] = importlib.import_module(base.__module__.split(".")[0]).Response
     return response
 

@@ -379,30 +379,30 @@ class LLMBatchOperator(BaseOperator):
 
     def _apply_failure_policy(self, run: BatchRun) -> None:
         total = run.progress.total
-        if run.stopped_by_budget and self.on_budget_exhausted == "succeed":
+        resume_later = run.stopped_by_budget and self.on_budget_exhausted == "succeed"
+        if resume_later:
             # The items not run wait for the next budget period; only real failures count against the rate.
             self.log.warning(
                 "stopped by budget with %d item(s) not run; succeeding (on_budget_exhausted='succeed'): %s",
                 run.progress.not_run,
                 run.stopped,
             )
-            bad = run.progress.failed
-        else:
-            bad = run.progress.failed + run.progress.not_run
+        bad = run.progress.failed + (0 if resume_later else run.progress.not_run)
         if not bad or bad / total <= self.max_failure_rate:
             if bad:
                 self.log.warning(
                     "%d of %d items failed (within max_failure_rate %.2f)", bad, total, self.max_failure_rate
                 )
             return
-        examples = "; ".join(f"{o.key}: {(o.error or '')[:300]}" for o in run.failures[:3])
         rate = f"{bad} of {total} items failed or were not run ({bad / total:.1%} > max_failure_rate " + (
             f"{self.max_failure_rate:.1%})"
         )
-        if run.stopped:
+        if run.stopped and not resume_later:
             # A denial or an exhausted budget: a retry now would be refused the same way.
             what = "stopped by budget" if run.stopped_by_budget else "denied by governance"
             raise AirflowFailException(f"{self.task_id}: {what}: {run.stopped}. {rate}.")
+        failed = [o for o in run.outcomes if o.status == "failed"]
+        examples = "; ".join(f"{o.key}: {(o.error or '')[:300]}" for o in failed[:3])
         # Retryable: a retry replays the completed items from the journal and tries only the rest.
         raise AirflowException(f"{self.task_id}: {rate}. Examples: {examples}")
 

@@ -183,7 +183,15 @@ class LLMOperator(BaseOperator):
             "cost_usd": result.cost_usd,
             "latency_ms": result.latency_ms,
             "fallbacks": list(governed.fallbacks_tried),
+            "budget_route": governed.budget_route,
         }
+        if governed.budget_route is not None:
+            route = governed.budget_route
+            self.log.info(
+                "route %r switched from %s to %s: budget %r is %.0f%% used (threshold %.0f%%)",
+                route["requested"], route["from"], route["to"], route["budget"], route["used"] * 100,
+                route["threshold"] * 100,
+            )  # fmt: skip
         return governed.to_xcom()
 
     def get_openlineage_facets_on_start(self) -> Any:
@@ -209,7 +217,10 @@ class LLMOperator(BaseOperator):
                 latencyMs=facts["latency_ms"],
                 policyRule=facts["rule"],
                 policyDecision="allow",
-                details={"fallbacks_tried": facts["fallbacks"]},
+                details={
+                    "fallbacks_tried": facts["fallbacks"],
+                    **({"budget_route": facts["budget_route"]} if facts.get("budget_route") else {}),
+                },
             )
             return [ol.model_input(self.hook.settings.base_url, facts["model"])], [], facet
 

@@ -247,3 +247,155 @@ def test_a_policy_change_of_the_budgets_closes_the_block_and_reserves_on_the_new
     asyncio.run(run())
     spent = {s.budget: (s.spent_tokens, s.reserved_tokens) for s in governor.ledger.status()}
     assert spent == {"batch-run": (10, 0), "batch-run-v2": (20, 0)}
+
+
+# -- waiting for held budget, and stopping only when waiting cannot help -----------------------------------
+
+
+def gate_for(
+    governor: Governor, subject: Subject, *, wait_seconds: float = 5.0, lines: list[str] | None = None
+):  # type: ignore[no-untyped-def]
+    async def record(audit_record: AuditRecord) -> None:
+        governor.record(audit_record)
+
+    return BudgetGate(
+        governor,
+        subject,
+        record=record,
+        block_size=1,
+        wait_seconds=wait_seconds,
+        on_wait=lines.append if lines is not None else None,
+        instance=governor.instance_digest(subject),
+    )
+
+
+GLOBAL_POLICY = """
+version: 1
+rules:
+  - {name: all, match: {dag_id: "*"}, models: [{connection: llm, model: m}]}
+budgets:
+  - {name: shared, scope: global, period: day, max_tokens: LIMIT}
+"""
+
+
+def test_a_request_that_does_not_fit_waits_for_held_budget_to_clear_then_runs(governor_for):
+    governor = governor_for(GLOBAL_POLICY.replace("LIMIT", "150"))
+    other = gate_for(governor, SUBJECT.model_copy(update={"dag_id": "other_dag"}))
+    waiting = gate_for(governor, SUBJECT)
+
+    async def run() -> None:
+        held = await take(other)  # 100 of 150 held by another task's request in flight
+        started = asyncio.get_running_loop().time()
+        pending = asyncio.create_task(take(waiting))
+        await asyncio.sleep(0.3)
+        assert not pending.done()  # waiting, not stopped: the room is only held
+        await other.finish(held, 30, 0.0)  # the other request ends having used 30
+        ticket = await pending
+        assert asyncio.get_running_loop().time() - started >= 0.3
+        await waiting.finish(ticket, 40, 0.0)
+        await waiting.close()
+
+    asyncio.run(run())
+    final = status(governor)
+    assert (final.spent_tokens, final.reserved_tokens) == (70, 0)
+    assert denials(governor) == 0
+
+
+def test_when_spend_alone_leaves_no_room_it_stops_at_once_saying_what_is_spent_and_held(governor_for):
+    governor = governor_for(GLOBAL_POLICY.replace("LIMIT", "150"))
+    first = gate_for(governor, SUBJECT)
+
+    async def run() -> None:
+        ticket = await take(first)
+        await first.finish(ticket, 90, 0.0)  # 90 spent: 60 left, a request needs 100
+        with pytest.raises(BudgetExhausted) as stopped:
+            await take(first)
+        message = str(stopped.value)
+        assert "90 of 150 tokens spent" in message and "0 held" in message and "held by nobody" in message
+        assert "needs up to 100 tokens" in message and "Raise the budget's limit" in message
+
+    asyncio.run(run())
+    assert denials(governor) == 1
+
+
+def test_a_hold_that_never_clears_stops_the_wait_after_its_bound_naming_the_holder(governor_for):
+    governor = governor_for(GLOBAL_POLICY.replace("LIMIT", "150"))
+    stuck = gate_for(governor, SUBJECT.model_copy(update={"dag_id": "stuck_dag"}))
+    lines: list[str] = []
+    waiting = gate_for(governor, SUBJECT, wait_seconds=0.5, lines=lines)
+
+    async def run() -> None:
+        await take(stuck)  # never finished
+        with pytest.raises(BudgetExhausted, match=r"waited .* held budget did not clear") as stopped:
+            await take(waiting)
+        assert "stuck_dag/run-1/classify" in str(stopped.value)
+
+    asyncio.run(run())
+
+
+def test_the_next_try_settles_a_killed_tries_holds_with_what_its_finished_requests_spent(governor_for):
+    from governed_ai.core.journal import StepClaim, StepDone
+    from governed_ai.core.store_writer import StoreWriter
+
+    governor = governor_for(GLOBAL_POLICY.replace("LIMIT", "100000"))
+    instance = governor.instance_digest(SUBJECT)
+    dead = gate_for(governor, SUBJECT)  # try 1, killed with a block of 4 held
+    dead._block_size = 4
+
+    async def killed_try() -> str:
+        tickets = [await take(dead) for _ in range(3)]
+        return str(tickets[0].reservation_id)
+
+    reservation = asyncio.run(killed_try())
+    writer = StoreWriter(governor.audit)
+    # Two of its requests completed (journaled with their usage); one was in flight at the kill.
+    writer.write_sync(
+        steps=[
+            StepDone("chat", "k1", instance, "chat m", 1, reservation, {"r": 1}, 30, 5, 0.0),
+            StepDone("chat", "k2", instance, "chat m", 1, reservation, {"r": 2}, 20, 5, 0.0),
+            StepClaim("chat", "k3", instance, "chat m", 1, reservation),
+        ]
+    )
+    writer.close()
+    assert status(governor).reserved_tokens == 400
+
+    retry = SUBJECT.model_copy(update={"try_number": 2})
+    settled = governor.ledger.settle_dead_holds(instance, living_holder=governor.holder(retry))
+    assert [r.id for r in settled] == [reservation]
+    final = status(governor)
+    assert (final.spent_tokens, final.reserved_tokens) == (60, 0)  # no hold outlives the retry
+
+
+def test_an_expired_hold_is_settled_with_its_journaled_spend_not_released(governor_for, store_engine):
+    from datetime import timedelta
+
+    from governed_ai.core.journal import StepDone
+    from governed_ai.core.ledger import BudgetLedger
+    from governed_ai.core.sqlstore import utc_now
+    from governed_ai.core.store_writer import StoreWriter
+
+    governor = governor_for(GLOBAL_POLICY.replace("LIMIT", "100000"))
+    keys = governor.budget_keys(SUBJECT)
+    hold = governor.ledger.reserve(keys, tokens=500, cost_usd=0.0, holder="gone", ttl_seconds=1, instance="i")
+    writer = StoreWriter(governor.audit)
+    writer.write_sync(steps=[StepDone("chat", "k", "i", "chat m", 1, hold.id, {}, 40, 2, 0.0)])
+    writer.close()
+    later = BudgetLedger(store_engine, clock=lambda: utc_now() + timedelta(seconds=5))
+    assert later.expire_stale() == 1
+    final = later.status(keys)[0]
+    assert (final.spent_tokens, final.reserved_tokens) == (42, 0)
+
+
+def test_room_for_says_whether_a_budget_has_room_now(governor_for):
+    from governed_ai.core.budget import room_for
+
+    governor = governor_for(GLOBAL_POLICY.replace("LIMIT", "150"))
+    assert room_for(governor, SUBJECT, tokens=100)[0]
+    keys = governor.budget_keys(SUBJECT)
+    governor.ledger.reserve(keys, tokens=120, cost_usd=0.0, holder="h", ttl_seconds=60)
+    ready, why = room_for(governor, SUBJECT, tokens=100)
+    assert not ready and "'shared'" in why and "30 tokens left" in why
+    assert room_for(governor, SUBJECT, tokens=100, budgets=["nope"]) == (
+        False,
+        "budget(s) ['nope'] do not apply to this task under the current policy",
+    )

@@ -33,6 +33,7 @@ from governed_ai.core.policy import PolicyProvider, engine_from_text
 from governed_ai.core.pricing import PriceTable
 from governed_ai.core.sqlstore import create_store_engine
 from governed_ai.core.subject import Subject
+from governed_ai.core.tokens import InputTooLarge
 from governed_ai.core.transport import ModelTransport
 from tests.audit_support import keyed_audit_store
 from tests.fakes.openai_server import FakeOpenAIServer, ScriptedReply
@@ -469,3 +470,66 @@ def test_the_sync_facade_can_be_used_from_several_threads(make):
             thread.join()
     assert results == ["fine"] * 6
     assert len(setup.records("model.call")) == 6
+
+
+# -- budgets that behave like money --------------------------------------------------------------------------
+
+
+def test_an_oversized_prompt_fails_alone_before_anything_is_reserved_or_sent(make):
+    limited = "{connection: llm, model: primary, max_input_tokens: 50}"
+    setup = make(
+        policy_text(budget=budget_yaml(1_000_000)).replace("{connection: llm, model: primary}", limited)
+    )
+    with pytest.raises(InputTooLarge, match=r"over the policy's limit of 50 input tokens") as refused:
+        setup.chat("word " * 2_000)
+    assert refused.value.permanent
+    assert setup.sent() == []
+    (record,) = setup.records("model.input_limit")
+    assert (record.decision, record.outcome, record.extra["limit"]) == ("deny", "denied", 50)
+    assert setup.governor.ledger.status() == []  # nothing was ever reserved
+    assert setup.chat("short").result.content == "fine"  # the next request goes on
+
+
+def test_a_route_switches_to_its_cheaper_model_past_the_budget_threshold(make):
+    text = policy_text(budget=budget_yaml(1_000)).replace(
+        "default: {model: primary, fallbacks: [backup]}",
+        "default: {model: primary, when_budget_above: {fraction: 0.8, model: backup}}",
+    )
+    setup = make(text)
+    assert setup.chat(model="default", max_tokens=50).result.model == "primary"
+    keys = setup.governor.budget_keys(SUBJECT)
+    setup.governor.ledger.reserve(keys, tokens=830, cost_usd=0.0, holder="someone else", ttl_seconds=60)
+    governed = setup.chat("again", model="default", max_tokens=50)
+    assert governed.result.model == "backup"
+    (route,) = setup.records("model.route")
+    assert (route.extra["from"], route.extra["to"], route.extra["budget"]) == (
+        "primary",
+        "backup",
+        "unit-budget",
+    )
+    assert route.extra["used"] >= 0.8 and route.outcome == "switched"
+    assert [r["model"] for r in setup.sent()] == ["primary", "backup"]
+
+
+def test_a_request_a_killed_try_left_in_doubt_is_charged_when_repeated(make):
+    from governed_ai.core.journal import StepClaim
+    from governed_ai.core.store_writer import StoreWriter
+
+    setup = make(policy_text(budget=budget_yaml(100_000)))
+    # Try 1 claimed exactly this request and died before its reply was journaled.
+    with setup.client() as client:
+        body = ChatRequest(messages=[{"role": "user", "content": "hello"}], model="primary").base_body(
+            [{"role": "user", "content": "hello"}]
+        )
+        key = client._step_key("chat", body, None)
+    writer = StoreWriter(setup.governor.audit)
+    writer.write_sync(
+        steps=[StepClaim("chat", key, setup.governor.instance_digest(SUBJECT), "chat primary", 1, None)]
+    )
+    writer.close()
+
+    setup.chat("hello", subject=SUBJECT.model_copy(update={"try_number": 2}))
+    assert len(setup.sent()) == 1
+    assert setup.budget().spent_tokens == 2 * 15  # the repeat, and the dead try's call it stands for
+    doubt = [r for r in setup.records("model.call") if r.outcome == "in_doubt"]
+    assert [(r.try_number, r.prompt_tokens, r.completion_tokens) for r in doubt] == [(1, 10, 5)]

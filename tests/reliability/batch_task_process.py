@@ -18,17 +18,22 @@ def main(spec_json: str) -> int:
     from governed_ai.operators.batch import LLMBatchOperator
     from tests.reliability.support import TASK_ID, TEMPLATE, items, task_context
 
+    prefix = spec.get("item_prefix", "item")
     op = LLMBatchOperator(
         task_id=TASK_ID,
-        items=items(spec["items"]),
+        items=[{**row, "id": row["id"].replace("item", prefix)} for row in items(spec["items"])],
         key_field="id",
         prompt_template=TEMPLATE,
         model="fake-model",
         max_tokens=8,
         concurrency=spec["concurrency"],
+        budget_block_size=spec.get("budget_block_size", 16),
+        on_budget_exhausted=spec.get("on_budget_exhausted", "fail"),
+        max_xcom_items=spec["items"],
         llm_conn_id="test_llm",
     )
-    xcom = op.execute(task_context(try_number=spec["try_number"]))  # type: ignore[arg-type]
+    context = task_context(try_number=spec["try_number"], dag_id=spec.get("dag_id"))
+    xcom = op.execute(context)  # type: ignore[arg-type]
     Path(spec["xcom_path"]).write_text(json.dumps(xcom))
     return 0
 

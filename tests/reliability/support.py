@@ -40,9 +40,9 @@ class FakeDag:
     tags: tuple[str, ...] = field(default=())
 
 
-def task_context(*, try_number: int = 1) -> dict[str, Any]:
+def task_context(*, try_number: int = 1, dag_id: str | None = None) -> dict[str, Any]:
     """A named fake of the Airflow task context for ``execute``; a retry has a higher try number."""
-    ti = FakeTaskInstance(dag_id=DAG_ID, task_id=TASK_ID, run_id=RUN_ID, try_number=try_number)
+    ti = FakeTaskInstance(dag_id=dag_id or DAG_ID, task_id=TASK_ID, run_id=RUN_ID, try_number=try_number)
     return {"ti": ti, "task": FakeTask(), "dag": FakeDag(), "params": {}}
 
 
@@ -62,8 +62,9 @@ def journaled_keys(engine: Engine) -> set[str]:
         return found
 
 
-def audited_items(records: list[Any], keys: set[str]) -> set[str]:
-    """Which of ``keys`` the audit ``records`` name (they carry item digests, never keys)."""
+def audited_items(records: list[Any], keys: set[str], outcome: str | None = None) -> set[str]:
+    """Which of ``keys`` the audit ``records`` (with ``outcome``, if given) name; they carry item digests,
+    never keys."""
     from governed_ai.core.client import item_digest
     from governed_ai.core.subject import Subject
     from governed_ai.hooks.governance import GovernanceHook
@@ -71,17 +72,26 @@ def audited_items(records: list[Any], keys: set[str]) -> set[str]:
     governor = GovernanceHook().governor
     subject = Subject(dag_id=DAG_ID, task_id=TASK_ID, run_id=RUN_ID)
     digests = {item_digest(governor, subject, key): key for key in keys}
-    return {digests[r.extra["item"]] for r in records if r.extra.get("item") in digests}
+    return {
+        digests[r.extra["item"]]
+        for r in records
+        if r.extra.get("item") in digests and (outcome is None or r.outcome == outcome)
+    }
 
 
-def policy(model: str = "fake-model") -> str:
-    return f"""
+def policy(model: str = "fake-model", *, budget_tokens: int | None = None) -> str:
+    text = f"""
 version: 1
 rules:
   - name: reliability
-    match: {{dag_id: {DAG_ID}}}
+    match: {{dag_id: "{DAG_ID}*"}}
     models: [{{connection: test_llm, model: {model}}}]
 """
+    if budget_tokens is not None:
+        text += (
+            f"budgets:\n  - {{name: shared-daily, scope: global, period: day, max_tokens: {budget_tokens}}}\n"
+        )
+    return text
 
 
 def items(n: int) -> list[dict[str, str]]:

@@ -44,7 +44,7 @@ SERVER = FaultConfig(
 
 @pytest.fixture
 def server(governance_policy, monkeypatch) -> Iterator[FaultyFakeOpenAIServer]:
-    governance_policy(policy())
+    governance_policy(policy(budget_tokens=10_000_000))
     with FaultyFakeOpenAIServer(SERVER) as fake:
         monkeypatch.setenv("AIRFLOW_CONN_TEST_LLM", fake.connection_json(timeout=10))
         yield fake
@@ -133,7 +133,21 @@ def test_killed_mid_batch_then_retried_nothing_lost_repeats_bounded_by_concurren
     assert len(repeated) <= CONCURRENCY
     assert journaled_keys(store) == set(successes)
 
+    # No lost spend: the killed try's holds were settled with what its finished calls spent, the calls it
+    # left in flight were charged as paid when they were repeated, and nothing is held after the retry.
     audit = GovernanceHook().governor.audit
+    (budget,) = GovernanceHook().governor.ledger.status()
+    assert budget.reserved_tokens == 0
+    tokens = server.stats()["tokens"]
+    in_doubt = audited_items(
+        audit.query(action="model.call", dag_id=DAG_ID, limit=None), set(tokens), "in_doubt"
+    )
+    assert in_flight_at_kill <= in_doubt and len(in_doubt) <= CONCURRENCY
+    # A call in flight at the kill is charged as paid (a provider bills what it received); those the server
+    # had not served yet (in a retry's back-off at the kill) are the only tokens beyond what it served.
+    unserved = in_doubt - served_before
+    assert budget.spent_tokens == sum(tokens.values()) + sum(tokens[key] for key in unserved)
+
     calls = audit.query(action="model.call", dag_id=DAG_ID, limit=None)
     retried_calls = [r for r in calls if r.try_number == 2]
     assert len(retried_calls) == ITEMS - len(journaled_before)

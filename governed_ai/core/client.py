@@ -36,7 +36,7 @@ import orjson
 
 from governed_ai.core.audit import AuditRecord
 from governed_ai.core.budget import DEFAULT_WAIT_SECONDS, BudgetGate
-from governed_ai.core.chat import ChatRequest, ChatResult, Message
+from governed_ai.core.chat import ChatRequest, ChatResult, Message, Verdict
 from governed_ai.core.errors import (
     ConfigurationError,
     GovernanceDenied,
@@ -116,6 +116,18 @@ class GovernedChatResult:
             replayed_attempts=r.replayed_attempts,
             finish_reason=r.finish_reason,
         )
+
+
+@dataclass(frozen=True)
+class _RedactedReply:
+    """A paid reply as kept: ``content``/``output`` for the result; ``completion``/``verdict`` for the
+    journal; ``found`` redactions."""
+
+    content: str | None
+    output: dict[str, Any] | None
+    found: int
+    completion: dict[str, Any] | None = None
+    verdict: Verdict | None = None
 
 
 @dataclass(frozen=True)
@@ -411,6 +423,7 @@ class GovernedClient:
         driver = governed.driver(self.prices)
         redactions = 0
         resource = f"{self.connection_id}/{model}"
+        reply: _RedactedReply | None = None  # the last paid reply as the policy lets it be kept
         while (body := driver.next_request()) is not None:
             # The policy of now, before every request: a grant revoked mid-call stops the next one.
             decision = await self._authorize(model, prompt_version)
@@ -422,18 +435,21 @@ class GovernedClient:
                 completion = Completion.from_json(replay.result["completion"])
                 driver.feed(completion, 0.0, replayed=True, verdict=replay.result.get("verdict"))
                 self.replayed_requests += 1
+                reply = None
                 await self._record(self._replay_record(resource, model, decision, prompt_version, item_key))
                 continue
-            await self._paid_chat(
+            reply = await self._paid_chat(
                 driver, body, key, resource, model, decision, prompt_version, item_key, check_reply
             )
         result = driver.result()
         if decision.redaction.outputs:
-            redacted, found = self.governor.redact_obj(
-                {"content": result.content, "output": result.output}, decision.redaction
-            )
-            redactions += found
-            result = result.model_copy(update={"content": redacted["content"], "output": redacted["output"]})
+            if reply is None:  # replayed: stored as redacted then; the policy of now may be stricter
+                redacted, found = self.governor.redact_obj(
+                    {"content": result.content, "output": result.output}, decision.redaction
+                )
+                reply = _RedactedReply(redacted["content"], redacted["output"], found)
+            redactions += reply.found
+            result = result.model_copy(update={"content": reply.content, "output": reply.output})
         return result, decision, redactions
 
     async def _paid_chat(
@@ -447,7 +463,8 @@ class GovernedClient:
         prompt_version: str | None,
         item_key: str | None,
         check_reply: ReplyCheck | None,
-    ) -> None:
+    ) -> _RedactedReply:
+        """One paid request; returns its reply as the policy lets it be kept (redacted when it says so)."""
         await self._reconcile()
         prompt_estimate = count_messages(self._counter, body["messages"])
         await self._check_input_size(prompt_estimate, resource, model, decision, prompt_version, item_key)
@@ -494,11 +511,8 @@ class GovernedClient:
         cost = self.prices.cost(model, completion.prompt_tokens, completion.completion_tokens)
         self._count_paid(completion.prompt_tokens, completion.completion_tokens, cost)
         verdict = driver.feed(completion, sent.seconds)
-        stored_completion, stored_verdict = completion.to_json(), verdict
-        if decision.redaction.outputs:
-            (stored_completion, stored_verdict), _ = self.governor.redact_obj(
-                (stored_completion, stored_verdict), decision.redaction
-            )
+        kept = self._kept_reply(completion, verdict, decision)
+        stored_completion, stored_verdict = kept.completion, kept.verdict
         content = None
         if decision.redaction.store_content:
             content = self._audit_content(body["messages"], completion, decision)
@@ -528,6 +542,33 @@ class GovernedClient:
         await self.budget.finish(ticket, completion.total_tokens, cost)
         await self._charge_if_in_doubt("chat", key, completion.total_tokens, completion.prompt_tokens, cost,
                                        resource, model, decision, prompt_version, item_key)  # fmt: skip
+        return kept
+
+    def _kept_reply(
+        self, completion: Completion, verdict: Verdict | None, decision: Decision
+    ) -> _RedactedReply:
+        """A reply as the journal, XCom and the audit trail may keep it: with ``redact_outputs``, the text the
+        model wrote (content, parsed output, tool-call arguments, the verdict's explanations) redacted, each
+        once; the rest is numbers and the server's model name."""
+        stored = completion.to_json()
+        parsed = verdict.get("parsed") if verdict is not None else None
+        if not decision.redaction.outputs:
+            return _RedactedReply(completion.content, parsed, 0, stored, verdict)
+        found = 0
+        for field_name in ("content", "model", "finish_reason"):
+            text = stored.get(field_name)
+            if isinstance(text, str) and text:
+                stored[field_name], count = self.governor.redact_text(text, decision.redaction)
+                found += count
+        if "tool_calls" in stored:
+            stored["tool_calls"], count = self.governor.redact_obj(stored["tool_calls"], decision.redaction)
+            found += count
+        kept_verdict = verdict
+        if verdict is not None:
+            kept_verdict, count = self.governor.redact_obj(verdict, decision.redaction)
+            found += count
+            parsed = kept_verdict.get("parsed")
+        return _RedactedReply(stored["content"], parsed, found, stored, kept_verdict)
 
     # -- embeddings ------------------------------------------------------------------------------------
 
@@ -784,7 +825,7 @@ class GovernedClient:
 
     def item_digest(self, item_key: str) -> str:
         """What the audit trail shows of a batch item's key: a digest, never the key itself."""
-        return item_digest(self.governor, self.subject, item_key)
+        return self.governor.digest(f"item|{self._instance}|{item_key}")[:16]
 
     def _call_record(
         self,

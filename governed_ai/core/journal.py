@@ -22,6 +22,7 @@ or argument is stored: ``label`` only says what kind of step it was.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import uuid
@@ -391,48 +392,12 @@ def apply_steps(connection: Connection, steps: Iterable[JournalStep]) -> None:
             )
         else:
             failed.append({"b_scope": step.scope, "b_key": step.key_sha256, "b_error": step.error[:4000]})
-    insert = postgresql_insert if dialect_name(connection) == "postgresql" else sqlite_insert
+    upsert_claim, upsert_done = _upserts(dialect_name(connection))
     table = journal_table
     if claims:
-        statement = insert(table)
-        connection.execute(
-            statement.on_conflict_do_update(
-                index_elements=[table.c.scope, table.c.key_sha256],
-                set_={
-                    "state": statement.excluded.state,
-                    "claim": statement.excluded.claim,
-                    "attempts": table.c.attempts + 1,
-                    "try_number": statement.excluded.try_number,
-                    "reservation_id": statement.excluded.reservation_id,
-                    "updated_at": statement.excluded.updated_at,
-                },
-                # A step completed meanwhile (elsewhere) keeps its result.
-                where=table.c.state != JournalState.COMPLETED.value,
-            ),
-            claims,
-        )
+        connection.execute(upsert_claim, claims)
     if done:
-        statement = insert(table)
-        connection.execute(
-            statement.on_conflict_do_update(
-                index_elements=[table.c.scope, table.c.key_sha256],
-                set_={
-                    name: getattr(statement.excluded, name)
-                    for name in (
-                        "state",
-                        "claim",
-                        "result",
-                        "try_number",
-                        "reservation_id",
-                        "prompt_tokens",
-                        "completion_tokens",
-                        "cost_usd",
-                        "updated_at",
-                    )
-                },
-            ),
-            done,
-        )
+        connection.execute(upsert_done, done)
     if failed:
         connection.execute(
             update(table)
@@ -440,6 +405,47 @@ def apply_steps(connection: Connection, steps: Iterable[JournalStep]) -> None:
             .values(state=JournalState.FAILED.value, error=bindparam("b_error"), updated_at=now),
             failed,
         )
+
+
+@functools.cache
+def _upserts(dialect: str) -> tuple[Any, Any]:
+    """The claim and completion upserts for ``dialect``, built once: building ``ON CONFLICT`` statements
+    (their ``excluded`` alias) costs more than executing them in a group commit."""
+    insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
+    table = journal_table
+    claim = insert(table)
+    claim = claim.on_conflict_do_update(
+        index_elements=[table.c.scope, table.c.key_sha256],
+        set_={
+            "state": claim.excluded.state,
+            "claim": claim.excluded.claim,
+            "attempts": table.c.attempts + 1,
+            "try_number": claim.excluded.try_number,
+            "reservation_id": claim.excluded.reservation_id,
+            "updated_at": claim.excluded.updated_at,
+        },
+        # A step completed meanwhile (elsewhere) keeps its result.
+        where=table.c.state != JournalState.COMPLETED.value,
+    )
+    done = insert(table)
+    done = done.on_conflict_do_update(
+        index_elements=[table.c.scope, table.c.key_sha256],
+        set_={
+            name: getattr(done.excluded, name)
+            for name in (
+                "state",
+                "claim",
+                "result",
+                "try_number",
+                "reservation_id",
+                "prompt_tokens",
+                "completion_tokens",
+                "cost_usd",
+                "updated_at",
+            )
+        },
+    )
+    return claim, done
 
 
 def journal_usage_by_reservation(

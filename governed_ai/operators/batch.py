@@ -90,7 +90,9 @@ class LLMBatchOperator(BaseOperator):
     :param max_xcom_items: Above this many items, results go to a file even without ``output_path``
         (under ``$AIRFLOW_HOME/governed_ai/outputs/batch/``): XCom is not a data store.
     :param progress_interval_seconds: How often progress is logged (items, failures, rate, tokens, cost).
-    :param budget_block_size: Items whose worst-case cost is reserved per budget transaction.
+    :param budget_block_size: Items whose worst-case cost is reserved per budget transaction (default:
+        twice ``concurrency``, at least 16 and at most 256). Larger blocks mean fewer ledger transactions;
+        near a budget's limit a block shrinks to what fits, down to one item.
     :param budget_wait_seconds: How long an item may wait for budget held by calls still in flight (this
         task's or another's) to be settled or to expire before the batch concludes the budget is
         exhausted (default 600 s, the default reservation TTL). Progress is logged while it waits.
@@ -131,7 +133,7 @@ class LLMBatchOperator(BaseOperator):
         output_path: str | None = None,
         max_xcom_items: int = 100,
         progress_interval_seconds: float = 10.0,
-        budget_block_size: int = 16,
+        budget_block_size: int | None = None,
         budget_wait_seconds: float = DEFAULT_WAIT_SECONDS,
         on_budget_exhausted: Literal["fail", "succeed"] = "fail",
         prompt_name: str | None = None,
@@ -175,6 +177,8 @@ class LLMBatchOperator(BaseOperator):
         self.max_failure_rate = max_failure_rate
         self.output_path = output_path
         self.max_xcom_items = max_xcom_items
+        if budget_block_size is None:
+            budget_block_size = min(256, max(16, 2 * concurrency))
         if not 1 <= budget_block_size <= 1000:
             raise ValueError(f"{self.task_id}: 'budget_block_size' must be 1..1000, got {budget_block_size}.")
         if max_retries is not None and not 0 <= max_retries <= 20:

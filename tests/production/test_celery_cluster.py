@@ -132,8 +132,10 @@ def cluster_session(pytestconfig: pytest.Config) -> Iterator[Session]:
             {
                 "MULTI_WORKER_POLICY": str(policy),
                 "MULTI_WORKER_EXTRA_DAGS": str(REPO / "tests/production/celery_dags"),
+                # 5% of requests fail: with 2 retries, three failures in a row hit one of ~2,400 requests
+                # about once in four runs; 4 retries make it about one in 1,300 runs.
                 "AIRFLOW_CONN_GOVERNED_AI_LLM_DEFAULT": server.connection_json(
-                    default_model="smollm2", timeout=10, max_retries=2
+                    default_model="smollm2", timeout=10, max_retries=4
                 ),
                 # Only the runs the test triggers: unpausing a @daily example must not add a scheduled run.
                 "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
@@ -283,17 +285,12 @@ class KillOutcome:
     stats: dict[str, Any]
 
 
-def journaled_keys(engine: Engine, dag_id: str, run_id: str) -> set[str]:
-    from governed_ai.core.journal import journal_table
+def journaled_keys(engine: Engine, item_prefix: str) -> set[str]:
+    """Item keys of the completed model requests in the journal. The journal keeps digests only, so the
+    key is read from the stored reply, in which the fault server echoes it."""
+    from tests.reliability.support import journaled_keys as every_journaled_key
 
-    prefix = f"{dag_id}|{run_id}|"
-    with engine.connect() as connection:
-        rows = connection.execute(
-            select(journal_table.c.key).where(
-                journal_table.c.scope == "batch", journal_table.c.key.startswith(prefix)
-            )
-        )
-        return {key.rsplit("|", 1)[1] for (key,) in rows}
+    return {key for key in every_journaled_key(engine) if key.startswith(item_prefix)}
 
 
 @pytest.fixture(scope="module")
@@ -322,7 +319,7 @@ def killed_batch(cluster_session: Session) -> KillOutcome:
         # Requests the dead try still had at the server finish; then take stock of what was paid.
         wait_until(lambda: server.stats()["in_flight"] == 0, "the server to drain", 30, poll_s=0.1)
         served_before = set(served(server.stats(), "k-")[0])
-        journaled_before = journaled_keys(engine, dag_id, run_id)
+        journaled_before = journaled_keys(engine, "k-")
         # Airflow notices the silent task (heartbeat timeout) and retries it; only the other worker is up.
         wait_until(
             lambda: (
@@ -367,7 +364,8 @@ def test_a_worker_killed_mid_batch_the_retry_on_the_other_worker_repeats_at_most
     # The retry replayed what the killed try had journaled, and ran the rest.
     rows = [json.loads(line) for line in Path(outcome.xcom["results_path"]).read_text().splitlines()]
     assert [r["key"] for r in rows] == [f"k-{i:04d}" for i in range(KILL_BATCH_ITEMS)]
-    assert {r["status"] for r in rows} <= {"ok", "replayed"}
+    failed = [(r["key"], r.get("error")) for r in rows if r["status"] not in ("ok", "replayed")]
+    assert not failed, f"items that did not succeed: {failed[:5]}"
     assert {r["key"] for r in rows if r["status"] == "replayed"} == outcome.journaled_before
 
     successes, _ = served(outcome.stats, "k-")
@@ -382,34 +380,43 @@ def test_a_worker_killed_mid_batch_the_retry_on_the_other_worker_repeats_at_most
     assert len(repeated) <= KILL_BATCH_CONCURRENCY
 
 
-# Needs the settlement of a killed try's spend (the lead's issue-13 work in progress). Today the killed try's
-# last budget block stays held until its TTL and its items' tokens never reach the ledger. Strict: when the
-# fix lands this XPASSes and fails, so the marker must be removed then.
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="a killed try's spend is not settled yet")
 def test_after_a_kill_the_ledger_equals_what_the_server_served(
     cluster_session: Session, killed_batch: KillOutcome
 ) -> None:
-    _, served_tokens = served(killed_batch.stats, "k-")
+    successes, served_tokens = served(killed_batch.stats, "k-")
+    tokens = killed_batch.stats["tokens"]
     engine = cluster_session.store()
     try:
+        from governed_ai.core.audit import AuditStore
+
         status = ledger_status(engine, "mw-kill-run", killed_batch.run_id)
+        in_doubt = AuditStore(engine).query(
+            action="model.call", dag_id="mw_kill_batch", run_id=killed_batch.run_id, limit=None
+        )
     finally:
         engine.dispose()
+    in_doubt = [r for r in in_doubt if r.outcome == "in_doubt"]
+    # The calls the killed try left in flight are charged as paid by the retry (a provider bills what it
+    # received), at what their repeat cost. Those the server had served before the kill it served twice
+    # (the repeated items); the others (still in a back-off at the kill) are the only charge beyond what
+    # the server served.
+    repeated = {k for k, n in successes.items() if n > 1}
+    in_doubt_tokens = sum((r.prompt_tokens or 0) + (r.completion_tokens or 0) for r in in_doubt)
+    served_once_of_repeated = sum(tokens[k] // 2 for k in repeated)
     cluster_session.observed["b. ledger after the kill"] = (
-        f"spent {status.spent_tokens}, held {status.reserved_tokens}; the server served {served_tokens}"
-    )
-    assert status.spent_tokens == served_tokens, (
-        f"ledger {status.spent_tokens} tokens, server served {served_tokens} (held: {status.reserved_tokens})"
+        f"spent {status.spent_tokens}, held {status.reserved_tokens}; the server served {served_tokens}; "
+        f"{len(in_doubt)} calls in doubt charged ({in_doubt_tokens} tokens), {len(repeated)} of them served"
     )
     assert status.reserved_tokens == 0  # the killed try's hold is settled, not left to expire
+    assert len(repeated) <= len(in_doubt) <= KILL_BATCH_CONCURRENCY
+    assert status.spent_tokens == served_tokens + in_doubt_tokens - served_once_of_repeated, (
+        f"ledger {status.spent_tokens} tokens, server served {served_tokens}, in doubt {in_doubt_tokens}"
+    )
 
 
 # -- c. a grant revoked while batches run on both workers -----------------------------------------------
 
 
-# Needs per-call authorization in batches (the lead's issue-13 work in progress): today a batch is
-# authorized once, at its start, and runs to its end under a grant that was revoked. Strict, as above.
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="batches authorize once, not per call, yet")
 def test_a_revoked_grant_denies_the_next_calls_on_both_workers(cluster_session: Session) -> None:
     cluster, server = cluster_session.cluster, cluster_session.server
     dag_id, run_id = "mw_revoke", "mw_revoke_1"

@@ -66,6 +66,10 @@ def _detectors_for(settings: RedactionSettings) -> tuple[Detector, ...]:
     return tuple(detectors)
 
 
+_SHORT_TEXT = 64
+_SHORT_CACHE_ENTRIES = 4096
+
+
 class Redactor:
     """Masks secrets, personal data and policy-defined patterns in text and JSON-like values.
 
@@ -78,12 +82,15 @@ class Redactor:
     ``repr`` or findings.
     """
 
-    __slots__ = ("_detectors", "_known", "_settings")
+    __slots__ = ("_detectors", "_known", "_settings", "_short")
 
     def __init__(self, settings: RedactionSettings | None = None, known_secrets: Iterable[str] = ()) -> None:
         self._settings = settings if settings is not None else RedactionSettings()
         self._known = KnownSecretsDetector(known_secrets, self._settings.min_known_secret_length)
         self._detectors = _detectors_for(self._settings)
+        # Short strings repeat (JSON keys, model names, labels a model answers with): their results are
+        # kept, since the redactor never changes. Bounded; a full cache is simply cleared.
+        self._short: dict[str, RedactionResult] = {}
 
     @property
     def settings(self) -> RedactionSettings:
@@ -101,6 +108,16 @@ class Redactor:
         """Redact ``text``; findings carry offsets into ``text``, the kind and the detector, never values."""
         if not isinstance(text, str):
             raise TypeError(f"redact() takes a str, not {type(text).__name__}; use redact_obj() for values")
+        if len(text) <= _SHORT_TEXT:
+            cached = self._short.get(text)
+            if cached is None:
+                if len(self._short) >= _SHORT_CACHE_ENTRIES:
+                    self._short.clear()
+                cached = self._short[text] = self._redact(text)
+            return cached
+        return self._redact(text)
+
+    def _redact(self, text: str) -> RedactionResult:
         spans = self._spans(text) if text else []
         if not spans:
             return RedactionResult(text=text)

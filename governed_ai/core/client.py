@@ -187,6 +187,17 @@ class GovernedClient:
         on_wait: Callable[[str], None] | None = None,
         tokenizer: str | None = None,
     ) -> None:
+        self._settings: dict[str, Any] = {
+            "connection_id": connection_id,
+            "prices": prices,
+            "structured_output": structured_output,
+            "default_model": default_model,
+            "budget_block_size": budget_block_size,
+            "deadline_seconds": deadline_seconds,
+            "budget_wait_seconds": budget_wait_seconds,
+            "on_wait": on_wait,
+            "tokenizer": tokenizer,
+        }
         self.governor = governor
         self.transport = transport
         self.subject = subject
@@ -215,8 +226,9 @@ class GovernedClient:
         self._reconcile_lock = asyncio.Lock()
         self._budget_use_cache: tuple[float, dict[str, float]] | None = None
         self._route_recorded: set[tuple[str, str]] = set()
-        self._entries: dict[str, dict[str, JournalEntry]] = {}
-        self._entries_lock = asyncio.Lock()
+        # Per scope: key digests earlier tries completed, and those they left in doubt (with their try).
+        self._earlier: dict[str, tuple[set[str], dict[str, int]]] = {}
+        self._earlier_lock = asyncio.Lock()
         self._allowed_recorded: set[tuple[str, str, str]] = set()
         self._loop: _LoopThread | None = None
         self._loop_lock = threading.Lock()
@@ -226,6 +238,12 @@ class GovernedClient:
         self.paid_prompt_tokens = 0
         self.paid_completion_tokens = 0
         self.paid_cost = 0.0
+
+    def share(self, parts: int) -> GovernedClient:
+        """A new client for the same task instance, settings and governance, with ``1/parts`` of the
+        connection's rate limits: one of ``parts`` processes running a batch together (each needs its own
+        client; they share the journal, the budget ledger and the audit chain through the store)."""
+        return GovernedClient(self.governor, self.transport.share(parts), self.subject, **self._settings)
 
     # -- lifecycle --------------------------------------------------------------------------------------
 
@@ -448,8 +466,15 @@ class GovernedClient:
                     {"content": result.content, "output": result.output}, decision.redaction
                 )
                 reply = _RedactedReply(redacted["content"], redacted["output"], found)
-            redactions += reply.found
-            result = result.model_copy(update={"content": reply.content, "output": reply.output})
+            output, found = result.output, reply.found
+            if output is not None:
+                if reply.output is not None:  # the parsed structured output, redacted with the reply
+                    output = reply.output
+                else:  # an output the driver derived otherwise (native tool calls)
+                    output, more = self.governor.redact_obj(output, decision.redaction)
+                    found += more
+            redactions += found
+            result = result.model_copy(update={"content": reply.content, "output": output})
         return result, decision, redactions
 
     async def _paid_chat(
@@ -759,13 +784,12 @@ class GovernedClient:
         """A request an earlier try claimed and never completed was cut off by a kill; the provider most
         likely served (and billed) it. Its repeat just showed what it cost: charge that for the dead try too,
         so the ledger and the audit trail count what the provider counted."""
-        entry = (self._entries.get(scope) or {}).get(key)
-        if entry is None or entry.state is not JournalState.STARTED:
-            return
-        if entry.try_number is None or entry.try_number >= self.subject.try_number:
+        earlier = self._earlier.get(scope)
+        dead_try = earlier[1].pop(key, None) if earlier is not None else None  # charged once
+        if dead_try is None:
             return
         keys = self.governor.budget_keys(self.subject)
-        dead = self.subject.model_copy(update={"try_number": entry.try_number})
+        dead = self.subject.model_copy(update={"try_number": dead_try})
         if keys:
             await asyncio.to_thread(
                 self.governor.ledger.charge, keys, tokens=tokens, cost_usd=cost,
@@ -790,7 +814,6 @@ class GovernedClient:
                 extra=extra,
             )
         )
-        self._entries[scope].pop(key, None)  # charged once
 
     # -- journal ----------------------------------------------------------------------------------------
 
@@ -800,21 +823,22 @@ class GovernedClient:
 
     async def _completed(self, scope: str, key: str) -> JournalEntry | None:
         """The completed journal entry of ``key`` from an earlier try of this task instance, if any."""
-        entries = self._entries.get(scope)
-        if entries is None:
-            async with self._entries_lock:
-                entries = self._entries.get(scope)
-                if entries is None:
-                    entries = await asyncio.to_thread(
-                        self._journals[scope].entries_for_instance, self._instance
+        earlier = self._earlier.get(scope)
+        if earlier is None:
+            async with self._earlier_lock:
+                earlier = self._earlier.get(scope)
+                if earlier is None:
+                    earlier = await asyncio.to_thread(
+                        self._journals[scope].earlier_steps, self._instance, self.subject.try_number
                     )
-                    self._entries[scope] = entries
-        entry = entries.get(key)
-        if entry is None or entry.state is not JournalState.COMPLETED:
-            return None
+                    self._earlier[scope] = earlier
         # Only what an earlier try paid for is replayed: the same question asked twice within one try (an
         # agent's repeated request, sampling at a temperature) is asked twice.
-        if entry.try_number is not None and entry.try_number >= self.subject.try_number:
+        if key not in earlier[0]:
+            return None
+        found = await asyncio.to_thread(self._journals[scope].lookup_many, [key])
+        entry = found.get(key)
+        if entry is None or entry.state is not JournalState.COMPLETED:
             return None
         return entry
 

@@ -45,6 +45,7 @@ from sqlalchemy import (
     Text,
     and_,
     bindparam,
+    or_,
     select,
     update,
 )
@@ -214,6 +215,28 @@ class ReplayJournal:
                 select(table).where(table.c.scope == self.scope, table.c.instance_sha256 == instance_sha256)
             ).mappings()
             return {row["key_sha256"]: _entry(row) for row in rows}
+
+    def earlier_steps(self, instance_sha256: str, try_number: int) -> tuple[set[str], dict[str, int]]:
+        """Key digests of this scope's steps that earlier tries of the task instance (before
+        ``try_number``) completed, and those they claimed but never finished (in doubt, with the try that
+        claimed them). Keys only, so a retry of a large batch does not load every stored result at once."""
+        table = journal_table
+        completed: set[str] = set()
+        in_doubt: dict[str, int] = {}
+        with read_transaction(self._engine) as connection:
+            rows = connection.execute(
+                select(table.c.key_sha256, table.c.state, table.c.try_number).where(
+                    table.c.scope == self.scope,
+                    table.c.instance_sha256 == instance_sha256,
+                    or_(table.c.try_number < try_number, table.c.try_number.is_(None)),
+                )
+            )
+            for key, state, claimed_by in rows:
+                if state == JournalState.COMPLETED.value:
+                    completed.add(key)
+                elif state == JournalState.STARTED.value and claimed_by is not None:
+                    in_doubt[key] = int(claimed_by)
+        return completed, in_doubt
 
     def lookup_many(self, keys: Sequence[str]) -> dict[str, JournalEntry]:
         """Entries for these key digests (those that exist)."""

@@ -290,6 +290,10 @@ class BudgetLedger:
         self._clock = clock
         ensure_tables(engine, _LEDGER_TABLES)
 
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
     # -- public API -------------------------------------------------------------------------------
 
     def reserve(

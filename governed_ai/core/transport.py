@@ -200,6 +200,8 @@ class ModelTransport:
     ) -> None:
         self.settings = settings
         self.connection_id = connection_id
+        self.requests_per_minute = requests_per_minute
+        self.tokens_per_minute = tokens_per_minute
         self._client: openai.AsyncOpenAI | None = None
         self._served: list[str] | None = None
         self._served_checked = False
@@ -207,6 +209,16 @@ class ModelTransport:
         self._tokens_per_minute = tokens_per_minute
         self._tokens: AsyncLimiter | None = None
         self.http_retries = 0
+
+    def share(self, parts: int) -> ModelTransport:
+        """A new transport to the same endpoint with ``1/parts`` of the rate limits (one of ``parts``
+        processes sharing this connection's limits)."""
+        return ModelTransport(
+            self.settings,
+            connection_id=self.connection_id,
+            requests_per_minute=self.requests_per_minute / parts if self.requests_per_minute else None,
+            tokens_per_minute=self.tokens_per_minute / parts if self.tokens_per_minute else None,
+        )
 
     async def _acquire(self, estimated_tokens: int) -> None:
         if self._requests is not None:

@@ -24,7 +24,10 @@ from governed_ai.core.batch import (
     make_items,
     parse_rows,
 )
+from governed_ai.core.batch.processes import default_processes, run_in_processes
+from governed_ai.core.batch.spool import write_lines
 from governed_ai.core.budget import DEFAULT_WAIT_SECONDS
+from governed_ai.core.client import GovernedClient
 from governed_ai.core.errors import InvalidInput
 from governed_ai.core.paths import provider_home
 from governed_ai.core.structured_output import ensure_schema_model
@@ -79,7 +82,13 @@ class LLMBatchOperator(BaseOperator):
     :param max_tokens: Upper bound on reply tokens per call (the policy may cap it further).
     :param output_schema: A pydantic model class; replies are validated into it, with repairs.
     :param max_repair_attempts: Repair attempts per item after an invalid structured reply.
-    :param concurrency: Calls in flight at once (default 8).
+    :param concurrency: Calls in flight at once (default 8), per process.
+    :param processes: Run the batch in this many processes (forked from the task's; default 1), or
+        ``"auto"`` for one per core the worker gives the task. Governance costs CPU per call, and one
+        process runs on one core: when a batch is CPU-bound (hundreds of calls per second), processes
+        multiply its throughput. All of them govern the same task instance: one policy, one budget
+        ledger, one replay journal and one audit chain; rate limits are shared out; results come back in
+        item order. Each process holds ``concurrency`` calls in flight.
     :param requests_per_minute: Client-side request rate limit (None: unlimited).
     :param tokens_per_minute: Client-side token rate limit, on estimated tokens (None: unlimited).
     :param max_retries: Retries of one request on transient errors (429 honouring Retry-After, 5xx,
@@ -125,6 +134,7 @@ class LLMBatchOperator(BaseOperator):
         output_schema: type[BaseModel] | None = None,
         max_repair_attempts: int = 2,
         concurrency: int = 8,
+        processes: int | Literal["auto"] = 1,
         requests_per_minute: float | None = None,
         tokens_per_minute: float | None = None,
         max_retries: int | None = None,
@@ -147,6 +157,9 @@ class LLMBatchOperator(BaseOperator):
             raise ValueError(
                 f"{self.task_id}: give 'items' (a list) or 'input_path' (a JSONL/JSON/CSV file)."
             )
+        if processes != "auto" and (not isinstance(processes, int) or not 1 <= processes <= 64):
+            raise ValueError(f"{self.task_id}: 'processes' must be 1..64 or 'auto', got {processes!r}.")
+        self.processes = processes
         if not 0.0 <= max_failure_rate <= 1.0:
             raise ValueError(
                 f"{self.task_id}: 'max_failure_rate' is a fraction in 0..1, got {max_failure_rate}."
@@ -265,10 +278,35 @@ class LLMBatchOperator(BaseOperator):
                     prompt.description,
                     self.settings.concurrency,
                 )
-                runner = BatchRunner(client, call, prompt, self.settings, on_progress=self._log_progress)
+                spool_directory = self._spool_directory(context, len(items))
+
+                def make_runner(for_client: GovernedClient) -> BatchRunner:
+                    return BatchRunner(
+                        for_client,
+                        call,
+                        prompt,
+                        self.settings,
+                        on_progress=self._log_progress,
+                        spool_directory=spool_directory,
+                    )
+
+                processes = min(self._processes(), len(items))
                 with _quiet_http_logs():
-                    run = client.run(runner.run(items))
-                model = _model_used(run) or requested
+                    if processes > 1:
+                        self.log.info("Running the batch in %d processes", processes)
+                        governor = client.governor
+                        run = run_in_processes(
+                            items,
+                            processes=processes,
+                            make_client=lambda: client.share(processes),
+                            make_runner=make_runner,
+                            engines=[governor.audit.engine, governor.ledger.engine],
+                            on_progress=self._log_progress,
+                            progress_interval_seconds=self.settings.progress_interval_seconds,
+                        )
+                    else:
+                        run = client.run(make_runner(client).run(items))
+                model = run.model or requested
                 client.writer.write_sync(
                     records=[
                         AuditRecord.for_subject(
@@ -278,12 +316,15 @@ class LLMBatchOperator(BaseOperator):
                             decision="n/a",
                             model=model,
                             prompt_version=prompt.version_id,
-                            outcome="ok" if not run.failures else "partial",
+                            outcome="ok" if not run.progress.failed + run.progress.not_run else "partial",
                             extra=run.summary(),
                         )
                     ]
                 )
-        payload = self._publish(run, model, context)
+        try:
+            payload = self._publish(run, model, context)
+        finally:
+            run.discard()
         self._lineage_facts = {
             "model": model,
             "summary": run.summary(),
@@ -325,7 +366,6 @@ class LLMBatchOperator(BaseOperator):
 
     def _xcom_base(self, run: BatchRun, model: str) -> dict[str, Any]:
         """The AI operators' common XCom core, for the batch as a whole."""
-        governance = [o.result["governance"] for o in run.outcomes if o.result and "governance" in o.result]
         summary = run.summary()
         return ai_xcom(
             model=model,
@@ -334,46 +374,69 @@ class LLMBatchOperator(BaseOperator):
             cost_usd=summary["cost_usd"],
             latency_ms=summary["seconds"] * 1000,
             governance=governance_xcom(
-                rule=next((g["rule"] for g in governance if g.get("rule")), None),
+                rule=run.rule,
                 prompt_version=self.prompt.version_id,
-                redactions=sum(int(g.get("redactions") or 0) for g in governance),
-                fallbacks_tried=sorted({m for g in governance for m in g.get("fallbacks_tried") or ()}),
+                redactions=run.redactions,
+                fallbacks_tried=list(run.fallbacks_tried),
             ),
             summary=summary,
             prompt_version=self.prompt.version_id,
         )
 
     def _publish(self, run: BatchRun, model: str, context: Context) -> dict[str, Any]:
+        """Results and failures in item order: in XCom when few, else streamed from the spool to files."""
         base = self._xcom_base(run, model)
-        rows = [o.to_json() for o in run.outcomes]
-        failures = [o.to_json() for o in run.failures]
-        if self.output_path is None and len(rows) <= self.max_xcom_items:
+        total = run.progress.total
+        if self.output_path is None and total <= self.max_xcom_items:
+            rows = [json.loads(line) for line in run.rows()]
+            failures = [json.loads(line) for line in run.rows(failures_only=True)]
             return {**base, "results": rows, "failures": failures}
         if self.output_path and is_uri(str(self.output_path)):
             remote = storage_path(str(self.output_path))
             remote_failures = remote.with_name(remote.stem + ".failures.jsonl")
-            # Object stores write an object in one PUT: readers never see half of it.
-            remote.write_text("".join(json.dumps(row) + "\n" for row in rows))
-            remote_failures.write_text("".join(json.dumps(row) + "\n" for row in failures))
-            self.log.info("Wrote %d results to %s and %d failures", len(rows), remote, len(failures))
-            return {**base, **rows_manifest(str(remote), str(remote_failures), rows=len(rows),
-                                            failed_rows=len(failures))}  # fmt: skip
-        path = Path(self.output_path) if self.output_path else self._default_output(context)
-        path.parent.mkdir(parents=True, exist_ok=True)
+            # Streamed: an object store uploads in parts and shows the object only once it is complete.
+            with remote.open("wb") as out:
+                rows_written = write_lines(run.rows(), out)
+            with remote_failures.open("wb") as out:
+                failures_written = write_lines(run.rows(failures_only=True), out)
+            self.log.info("Wrote %d results to %s and %d failures", rows_written, remote, failures_written)
+            return {**base, **rows_manifest(str(remote), str(remote_failures), rows=rows_written,
+                                            failed_rows=failures_written)}  # fmt: skip
+        path = self._local_output(context)
         failures_path = path.with_name(path.stem + ".failures.jsonl")
-        for target, content in ((path, rows), (failures_path, failures)):
+        written: dict[Path, int] = {}
+        for target, only_failures in ((path, False), (failures_path, True)):
             tmp = target.with_name(target.name + ".tmp")
-            with tmp.open("w", encoding="utf-8") as out:
-                for row in content:
-                    out.write(json.dumps(row) + "\n")
+            with tmp.open("wb") as out:
+                written[target] = write_lines(run.rows(failures_only=only_failures), out)
             tmp.replace(target)  # readers never see a half-written file
         self.log.info(
-            "Wrote %d results to %s and %d failures to %s", len(rows), path, len(failures), failures_path
-        )
+            "Wrote %d results to %s and %d failures to %s",
+            written[path], path, written[failures_path], failures_path,
+        )  # fmt: skip
         return {
             **base,
-            **rows_manifest(str(path), str(failures_path), rows=len(rows), failed_rows=len(failures)),
+            **rows_manifest(
+                str(path), str(failures_path), rows=written[path], failed_rows=written[failures_path]
+            ),
         }
+
+    def _processes(self) -> int:
+        return default_processes() if self.processes == "auto" else int(self.processes)
+
+    def _spool_directory(self, context: Context, total: int) -> str | None:
+        """Outcomes are spooled beside a local results file (publishing is then a local copy); else in the
+        system temp directory."""
+        if self.output_path is None and total <= self.max_xcom_items:
+            return None
+        if self.output_path and is_uri(str(self.output_path)):
+            return None
+        return str(self._local_output(context).parent)
+
+    def _local_output(self, context: Context) -> Path:
+        path = Path(self.output_path) if self.output_path else self._default_output(context)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
 
     def _default_output(self, context: Context) -> Path:
         ti = context["ti"]
@@ -405,17 +468,9 @@ class LLMBatchOperator(BaseOperator):
             # A denial or an exhausted budget: a retry now would be refused the same way.
             what = "stopped by budget" if run.stopped_by_budget else "denied by governance"
             raise AirflowFailException(f"{self.task_id}: {what}: {run.stopped}. {rate}.")
-        failed = [o for o in run.outcomes if o.status == "failed"]
-        examples = "; ".join(f"{o.key}: {(o.error or '')[:300]}" for o in failed[:3])
+        examples = "; ".join(f"{o.key}: {(o.error or '')[:300]}" for o in run.failure_examples)
         # Retryable: a retry replays the completed items from the journal and tries only the rest.
         raise AirflowException(f"{self.task_id}: {rate}. Examples: {examples}")
-
-
-def _model_used(run: BatchRun) -> str | None:
-    for outcome in run.outcomes:
-        if outcome.result is not None and outcome.result.get("model"):
-            return str(outcome.result["model"])
-    return None
 
 
 @contextmanager

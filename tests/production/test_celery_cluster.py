@@ -33,7 +33,7 @@ from typing import Any
 import psutil
 import pytest
 import yaml
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 
 from tests.fakes.fault_server import FaultConfig, FaultServerProcess
 from tests.production.celery_cluster import REPO, Cluster, clean_environment, wait_until
@@ -494,6 +494,10 @@ def test_two_dags_on_two_workers_racing_for_one_budget_never_overspend_and_use_i
         from governed_ai.core.audit import AuditStore
 
         status = ledger_status(engine, "mw-race")
+        summaries = {
+            w: AuditStore(engine).query(dag_id=f"mw_budget_{w}", action="batch.summary", limit=1)[0].extra
+            for w in "ab"
+        }
         calls = {
             w: [
                 r.time
@@ -503,6 +507,7 @@ def test_two_dags_on_two_workers_racing_for_one_budget_never_overspend_and_use_i
         }
     finally:
         engine.dispose()
+    assert {w: summary["processes"] for w, summary in summaries.items()} == {"a": 1, "b": 2}
     # They really raced: each DAG's calls overlap the other's in time.
     assert min(calls["a"]) < max(calls["b"]) and min(calls["b"]) < max(calls["a"]), calls
     per_dag = {w: served(stats, f"b{w}-") for w in "ab"}

@@ -1,9 +1,11 @@
 """The batch engine: many governed model calls from one task, on one event loop.
 
 Each item is rendered into the prompt and sent through the task's :class:`GovernedClient`, with at most
-``concurrency`` items in flight. Everything that governs a call (authorization against the current
-policy, routing with fallbacks, redaction, budget blocks, the replay journal, the audit trail, retries) is
-the client's, exactly as for a single call; this module only schedules items and keeps score. Failures are
+``concurrency`` items in flight. Outcomes go to an :class:`~governed_ai.core.batch.spool.OutcomeSpool` on
+disk as items finish, so memory does not grow with the number of items. Everything that governs a call
+(authorization against the current policy, routing with fallbacks, redaction, budget blocks, the replay
+journal, the audit trail, retries) is the client's, exactly as for a single call; this module only
+schedules items and keeps score. Failures are
 per item and carry a reason; the batch goes on. A denial (a revoked grant, a policy that no longer loads,
 an exhausted budget) stops the batch: items not yet started end ``not_run`` with the denial as reason.
 """
@@ -12,19 +14,23 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from governed_ai.core.batch.inputs import BatchItem
 from governed_ai.core.batch.prompt import BatchPrompt, PromptRenderError
+from governed_ai.core.batch.spool import OutcomeSpool, SpoolIndex, merged
 from governed_ai.core.chat import ChatRequest
 from governed_ai.core.client import GovernedClient
 from governed_ai.core.errors import GovernanceDenied
 
 ItemStatus = Literal["ok", "replayed", "failed", "not_run"]
+_FAILURE_EXAMPLES = 3
 
 
 class BatchSettings(BaseModel):
@@ -64,6 +70,11 @@ class ItemOutcome:
             data["error"] = self.error
         return data
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ItemOutcome:
+        rest = {k: v for k, v in data.items() if k not in ("key", "position", "status", "error")}
+        return cls(data["key"], data["position"], data["status"], rest or None, data.get("error"))
+
 
 @dataclass(frozen=True)
 class BatchProgress:
@@ -92,18 +103,44 @@ class BatchProgress:
 
 @dataclass
 class BatchRun:
-    outcomes: list[ItemOutcome]
+    """What a batch came to. The outcomes themselves are in spool files (``spools``), read back in item
+    order by :meth:`rows`; :meth:`discard` removes the files once the results are published."""
+
     progress: BatchProgress
     http_retries: int
     budget_reservations: int
+    spools: list[SpoolIndex]
     stopped: str | None = None
     stopped_by_budget: bool = False
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    #: The governance of the batch as a whole: the first rule and model seen, redactions summed, every
+    #: fallback tried.
+    rule: str | None = None
+    model: str | None = None
+    redactions: int = 0
+    fallbacks_tried: tuple[str, ...] = ()
+    #: The first few failed items, for the task's error message.
+    failure_examples: list[ItemOutcome] = field(default_factory=list)
+    #: How many processes ran the batch (see :mod:`governed_ai.core.batch.processes`).
+    processes: int = 1
+
+    def rows(self, *, failures_only: bool = False) -> Iterator[bytes]:
+        """Each item's JSON line (``ItemOutcome.to_json``), in item order."""
+        return merged(self.spools, failures_only=failures_only)
+
+    @property
+    def outcomes(self) -> list[ItemOutcome]:
+        """Every outcome in item order, in memory: for small batches and tests."""
+        return [ItemOutcome.from_json(orjson.loads(line)) for line in self.rows()]
 
     @property
     def failures(self) -> list[ItemOutcome]:
-        return [o for o in self.outcomes if o.status in ("failed", "not_run")]
+        return [ItemOutcome.from_json(orjson.loads(line)) for line in self.rows(failures_only=True)]
+
+    def discard(self) -> None:
+        for spool in self.spools:
+            Path(spool.path).unlink(missing_ok=True)
 
     def summary(self) -> dict[str, Any]:
         p = self.progress
@@ -123,6 +160,7 @@ class BatchRun:
             "budget_reservations": self.budget_reservations,
             "stopped": self.stopped,
             "stopped_by_budget": self.stopped_by_budget,
+            "processes": self.processes,
         }
 
 
@@ -145,23 +183,31 @@ class BatchRunner:
     settings: BatchSettings = field(default_factory=BatchSettings)
     on_progress: Callable[[BatchProgress], None] | None = None
     clock: Callable[[], float] = time.perf_counter
+    #: Where the outcome spool is written (default: the system temp directory).
+    spool_directory: str | None = None
 
     def __post_init__(self) -> None:
         self._counters = _Counters()
         self._stopped: GovernanceDenied | None = None
+        self._rule: str | None = None
+        self._model: str | None = None
+        self._redactions = 0
+        self._fallbacks: set[str] = set()
+        self._failure_examples: list[ItemOutcome] = []
 
-    async def run(self, items: Sequence[BatchItem]) -> BatchRun:
+    async def run(self, items: Sequence[BatchItem], *, total: int | None = None) -> BatchRun:
+        """Run ``items``; ``total`` is the whole batch's item count when these are one process's share."""
         started = self.clock()
-        outcomes: dict[int, ItemOutcome] = {}
         work: asyncio.Queue[BatchItem] = asyncio.Queue()
         for item in items:
             work.put_nowait(item)
-        total = len(items)
+        count = len(items)
+        spool = OutcomeSpool(total if total is not None else count, self.spool_directory)
 
         def progress() -> BatchProgress:
             c = self._counters
             return BatchProgress(
-                total=total,
+                total=count,
                 done=c.ok + c.replayed + c.failed + c.not_run,
                 ok=c.ok,
                 replayed=c.replayed,
@@ -184,11 +230,15 @@ class BatchRunner:
                     item = work.get_nowait()
                 except asyncio.QueueEmpty:
                     return
-                outcomes[item.position] = await self._one(item)
+                outcome = await self._one(item)
+                spool.add(outcome.position, outcome.status, outcome.to_json())
 
         reporter = asyncio.create_task(report_periodically())
         try:
-            await asyncio.gather(*(worker() for _ in range(min(self.settings.concurrency, max(1, total)))))
+            await asyncio.gather(*(worker() for _ in range(min(self.settings.concurrency, max(1, count)))))
+        except BaseException:
+            spool.close()
+            raise
         finally:
             reporter.cancel()
             await self.client.budget.close()
@@ -196,15 +246,22 @@ class BatchRunner:
         if self.on_progress is not None:
             self.on_progress(final)
         stopped = self._stopped
+        index = spool.index()
+        spool.close(remove=False)
         return BatchRun(
-            outcomes=[outcomes[i.position] for i in items],
             progress=final,
             http_retries=self.client.transport.http_retries,
             budget_reservations=self.client.budget.reservations,
+            spools=[index],
             stopped=str(stopped) if stopped is not None else None,
             stopped_by_budget=stopped is not None and stopped.action == "budget",
             prompt_tokens=self.client.paid_prompt_tokens,
             completion_tokens=self.client.paid_completion_tokens,
+            rule=self._rule,
+            model=self._model,
+            redactions=self._redactions,
+            fallbacks_tried=tuple(sorted(self._fallbacks)),
+            failure_examples=self._failure_examples,
         )
 
     async def _one(self, item: BatchItem) -> ItemOutcome:
@@ -233,6 +290,10 @@ class BatchRunner:
             return self._not_run(item, f"denied by governance: {denied}")
         except Exception as error:  # every other failure is this item's, with its reason
             return self._failed(item, self.client.describe_error(error))
+        self._rule = self._rule or governed.rule
+        self._model = self._model or governed.result.model
+        self._redactions += governed.redactions
+        self._fallbacks.update(governed.fallbacks_tried)
         if governed.replayed:
             self._counters.replayed += 1
             return ItemOutcome(item.key, item.position, "replayed", governed.to_xcom())
@@ -241,7 +302,10 @@ class BatchRunner:
 
     def _failed(self, item: BatchItem, reason: str) -> ItemOutcome:
         self._counters.failed += 1
-        return ItemOutcome(item.key, item.position, "failed", error=reason)
+        outcome = ItemOutcome(item.key, item.position, "failed", error=reason)
+        if len(self._failure_examples) < _FAILURE_EXAMPLES:
+            self._failure_examples.append(outcome)
+        return outcome
 
     def _not_run(self, item: BatchItem, reason: str) -> ItemOutcome:
         self._counters.not_run += 1

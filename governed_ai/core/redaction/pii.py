@@ -118,7 +118,10 @@ class PaymentCardDetector:
         """Yield each Luhn-valid card number."""
         text = probe.text
         for match in _CARD_CANDIDATE.finditer(text):
-            if match.start() > 0 and text[match.start() - 1].isdigit():
+            # A run of digits inside a word (a hex digest, an id) is not a card number.
+            if match.start() > 0 and text[match.start() - 1].isalnum():
+                continue
+            if match.end() < len(text) and text[match.end()].isalnum():
                 continue
             digits = match.group(0).replace(" ", "").replace("-", "")
             if 13 <= len(digits) <= 19 and luhn.is_valid(digits):

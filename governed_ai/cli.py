@@ -76,7 +76,7 @@ def _key_and_anchors(args: argparse.Namespace) -> tuple[DeploymentKey | None, An
             else:
                 key = read_key_file(provider_home() / "audit.key")
         else:
-            hook = GovernanceHook()
+            hook = GovernanceHook.for_deployment()
             key = hook.audit_key(create_dev_key=False)
             if anchors is None:
                 anchors = hook.anchor_log()

@@ -79,6 +79,18 @@ def get_provider_info() -> dict[str, Any]:
                         "example": "postgresql+psycopg://airflow:***@db/governance",
                         "default": None,
                     },
+                    "allowed_governance_conn_ids": {
+                        "description": (
+                            "Comma-separated ids of the governed_ai_governance connections a task may name "
+                            "in an operator's governance_conn_id (the connection decides the policy, store "
+                            "and audit key, so the deployment chooses it, not the DAG). A task naming "
+                            "another fails before any call. Default: only governed_ai_governance_default."
+                        ),
+                        "version_added": "0.2.0",
+                        "type": "string",
+                        "example": "governed_ai_governance_default,governed_ai_governance_eu",
+                        "default": "governed_ai_governance_default",
+                    },
                     "policy_check_interval_seconds": {
                         "description": "How often a worker checks the policy file for changes.",
                         "version_added": "0.1.0",

@@ -89,14 +89,18 @@ def test_quarantine_branch_with_a_scripted_model(airflow_db, dagbag, monkeypatch
     """A named fake model server answers two of the eight tickets badly: exactly those two are quarantined."""
     from airflow.utils.state import DagRunState, TaskInstanceState
 
-    from governed_ai.local_model import CONNECTION_ENV
+    from governed_ai.local_model import CONNECTION_ENV, NOMINAL_PRICE
     from tests.fakes.openai_server import FakeOpenAIServer
 
     module = importlib.import_module("example_dags.support_quality_gate")
     good = json.dumps({"sentiment": "negative", "summary": "customer reports a problem"})
     with FakeOpenAIServer(models=("smollm2",)) as server:
         monkeypatch.setenv(
-            CONNECTION_ENV, server.connection_json(default_model="smollm2", structured_output="json_object")
+            CONNECTION_ENV,
+            # Priced like the local model: the support budgets limit cost, and an unpriced model is refused.
+            server.connection_json(
+                default_model="smollm2", structured_output="json_object", prices={"smollm2": NOMINAL_PRICE}
+            ),
         )
         # The order in which mapped tasks run does not matter: any two tickets get the bad replies.
         server.script(

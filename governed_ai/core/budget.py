@@ -17,6 +17,12 @@ held and by whom, the limit, and what to do.
 The budgets that apply are looked up again for every request (a cached policy decision): when the policy
 changes them, or a day or month rolls over, the current block is closed and the next request reserves on
 the budgets that apply now.
+
+A model without a price would cost $0 and never reach a ``max_cost_usd`` limit, so the gate refuses a
+request for an unpriced model while a budget with a cost limit applies, unless that budget's
+``allow_unpriced_models`` lists the model (then it counts in tokens only). Every paid request (chat,
+structured-output repairs, agent steps, batch items, embeddings) takes its budget here, so this is the one
+place the rule is enforced.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from governed_ai.core.audit import AuditRecord
-from governed_ai.core.errors import BudgetExhausted
+from governed_ai.core.errors import BudgetExhausted, UnpricedModel
 from governed_ai.core.governor import Governor
 from governed_ai.core.ledger import BudgetExceeded, BudgetKey, BudgetStatus, Hold, Reservation
 from governed_ai.core.subject import Subject
@@ -98,12 +104,17 @@ class BudgetGate:
         self.reservations = 0
         self.waited_seconds = 0.0
 
-    async def take(self, tokens: int, cost_usd: float, *, resource: str, model: str) -> BudgetTicket:
+    async def take(
+        self, tokens: int, cost_usd: float, *, resource: str, model: str, priced: bool = True
+    ) -> BudgetTicket:
         """A share of ``tokens``/``cost_usd`` in the current block, reserving a new block when needed.
 
         Raises :class:`BudgetExhausted` (audited) when not even this one request can fit, even after every
-        hold on the budget has cleared.
+        hold on the budget has cleared; :class:`UnpricedModel` (audited) when ``model`` has no price
+        (``priced=False``) and a budget with a cost limit that does not allow it unpriced applies.
         """
+        if not priced:
+            await self._refuse_if_cost_uncountable(resource, model)
         async with self._lock:
             keys = tuple(self._governor.budget_keys(self._subject))
             block = self._current
@@ -119,6 +130,33 @@ class BudgetGate:
             block.tokens_left -= tokens
             block.cost_left -= cost_usd
             return BudgetTicket(block)
+
+    async def _refuse_if_cost_uncountable(self, resource: str, model: str) -> None:
+        budgets = self._governor.engine().budgets_requiring_price(self._subject, model)
+        if not budgets:
+            return
+        names = ", ".join(f"'{name}'" for name in budgets)
+        message = (
+            f"Model '{model}' has no price, and budget(s) {names} limit cost (max_cost_usd): its calls "
+            f"would count as $0 and the limit could never stop them, so nothing was reserved or sent. Add a "
+            f"price for '{model}' to the LLM connection's 'prices' extra (a free model gets "
+            '{"input_per_1m_tokens": 0, "output_per_1m_tokens": 0}), or, to count it in tokens only, add '
+            f"'{model}' (or a glob) to allow_unpriced_models of budget {names} in the policy."
+        )
+        await self._record(
+            AuditRecord.for_subject(
+                self._subject,
+                action="budget.unpriced",
+                resource=resource,
+                decision="deny",
+                rule=budgets[0],
+                model=model,
+                outcome="denied",
+                error=message,
+                extra={"budgets": budgets},
+            )
+        )
+        raise UnpricedModel(message, action="budget.unpriced", resource=resource, rule=budgets[0])
 
     async def _reserve_or_wait(
         self, keys: tuple[BudgetKey, ...], tokens: int, cost_usd: float, resource: str, model: str

@@ -499,6 +499,7 @@ class GovernedClient:
             self.prices.cost(model, prompt_estimate, completion_cap),
             resource=resource,
             model=model,
+            priced=self.prices.has_price(model),
         )
         label = f"chat {model}"
         await self.writer.write(
@@ -628,8 +629,9 @@ class GovernedClient:
         estimate = sum(self._counter.count(text) for text in inputs)
         await self._check_input_size(estimate, resource, model, decision, None, item_key)
         ticket = await self.budget.take(
-            estimate, self.prices.cost(model, estimate, 0), resource=resource, model=model
-        )
+            estimate, self.prices.cost(model, estimate, 0), resource=resource, model=model,
+            priced=self.prices.has_price(model),
+        )  # fmt: skip
         label = f"embed {model}"
         await self.writer.write(
             steps=[

@@ -48,6 +48,10 @@ class BudgetExhausted(GovernanceDenied):
     """No budget left for the call: the limit, what is spent and what is held are in the message."""
 
 
+class UnpricedModel(GovernanceDenied):
+    """The model has no price, and a budget with a cost limit applies: its cost could never be counted."""
+
+
 class GovernanceUnavailable(GovernedAIError):
     """Governance could not decide (the store was unreachable): the call was not made. A retry may work."""
 

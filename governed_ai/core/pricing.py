@@ -25,8 +25,9 @@ class ModelPrice(BaseModel):
 class PriceTable(BaseModel):
     """Prices per model name; keys may be globs (``gpt-4o*``) so dated model versions share a price.
 
-    A model with no entry costs 0.0: a local or self-hosted model has no per-token bill, and refusing to
-    run would be worse than reporting zero. Budgets in tokens still apply to it.
+    A model with no entry is *unpriced*: its cost is reported as 0.0 and budgets in tokens still apply to
+    it, but a budget with a cost limit refuses it unless the policy lets that budget count it in tokens only
+    (see :class:`governed_ai.core.budget.BudgetGate`). A free model is priced explicitly with zeros.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -37,13 +38,22 @@ class PriceTable(BaseModel):
     def from_mapping(cls, raw: Mapping[str, Mapping[str, float]] | None) -> PriceTable:
         return cls(prices={name: ModelPrice(**dict(price)) for name, price in (raw or {}).items()})
 
-    def price_for(self, model: str) -> ModelPrice:
+    def find(self, model: str) -> ModelPrice | None:
+        """The price of ``model`` (an exact entry first, then the first glob that matches), or None."""
         if model in self.prices:
             return self.prices[model]
         for pattern, price in self.prices.items():
             if fnmatch.fnmatchcase(model, pattern):
                 return price
-        return ModelPrice()
+        return None
+
+    def has_price(self, model: str) -> bool:
+        """Whether ``model`` has a price (zeros count: that is an explicit "free")."""
+        return self.find(model) is not None
+
+    def price_for(self, model: str) -> ModelPrice:
+        found = self.find(model)
+        return found if found is not None else ModelPrice()
 
     def cost(self, model: str, prompt_tokens: int, completion_tokens: int) -> float:
         return self.price_for(model).cost(prompt_tokens, completion_tokens)

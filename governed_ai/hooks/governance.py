@@ -17,11 +17,13 @@ from governed_ai.core.audit import ANCHOR_EVERY_RECORDS, ANCHOR_EVERY_SECONDS, A
 from governed_ai.core.audit_anchors import AnchorLog
 from governed_ai.core.budget import DEFAULT_WAIT_SECONDS
 from governed_ai.core.client import GovernedClient
+from governed_ai.core.errors import ConfigurationError
 from governed_ai.core.governor import EngineSource, FixedPolicy, Governor
 from governed_ai.core.keys import DeploymentKey, load_or_create_key_file, read_key_file
 from governed_ai.core.ledger import BudgetLedger
 from governed_ai.core.paths import default_store_url, provider_home
 from governed_ai.core.policy import PolicyEngine, PolicyProvider
+from governed_ai.core.policy import RedactionSettings as PolicyRedaction
 from governed_ai.core.sqlstore import create_store_engine
 from governed_ai.core.subject import Subject
 from governed_ai.hooks.connection_fields import extra_fields
@@ -33,6 +35,8 @@ if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Connection, Context
 
 CONFIG_SECTION = "governed_ai"
+#: The deployment's list of governance connections a task may name (comma-separated).
+ALLOWED_CONN_IDS_OPTION = "allowed_governance_conn_ids"
 JOURNAL_DIGEST_PURPOSE = "journal-and-item-keys"
 NO_POLICY = (
     "No governance policy is configured, so every AI call is denied (fail-closed). Set [governed_ai] "
@@ -83,7 +87,14 @@ class GovernanceHook(BaseHook):
     key file created on first use. Anchors of the chain head go to ``audit_anchor_path`` (a local
     directory or an object-storage URL), by default ``$AIRFLOW_HOME/governed_ai/anchors/``.
 
-    :param governance_conn_id: Connection of type ``governed_ai_governance`` (optional).
+    Which governance connection a task uses is the deployment's choice, not the DAG's: ``governance_conn_id``
+    must be one of ``[governed_ai] allowed_governance_conn_ids`` (default: only
+    ``governed_ai_governance_default``), else the hook refuses to be built (:class:`ConfigurationError`), so
+    the task fails before any call. A DAG cannot pick a laxer policy or another store by naming a
+    connection.
+
+    :param governance_conn_id: Connection of type ``governed_ai_governance`` (optional); one the deployment
+        allows in ``[governed_ai] allowed_governance_conn_ids``.
     """
 
     conn_name_attr = "governance_conn_id"
@@ -97,7 +108,24 @@ class GovernanceHook(BaseHook):
 
     def __init__(self, governance_conn_id: str = default_conn_name, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        check_governance_conn_allowed(governance_conn_id)
         self.governance_conn_id = governance_conn_id
+
+    @classmethod
+    def allowed_conn_ids(cls) -> tuple[str, ...]:
+        """The governance connections the deployment lets tasks use: ``[governed_ai]
+        allowed_governance_conn_ids`` (comma-separated), by default only :attr:`default_conn_name`."""
+        from airflow.providers.common.compat.sdk import conf
+
+        configured = conf.get(CONFIG_SECTION, ALLOWED_CONN_IDS_OPTION, fallback=None) or ""
+        allowed = tuple(dict.fromkeys(part.strip() for part in configured.split(",") if part.strip()))
+        return allowed or (cls.default_conn_name,)
+
+    @classmethod
+    def for_deployment(cls) -> GovernanceHook:
+        """The hook of the deployment's own governance connection (the first it allows), for tools that
+        are not a task: the CLI and the UI's API."""
+        return cls(governance_conn_id=cls.allowed_conn_ids()[0])
 
     def _connection(self) -> Connection | None:
         try:
@@ -289,6 +317,34 @@ class GovernanceHook(BaseHook):
         return True, f"Policy {engine.source} loaded (digest {engine.digest[:12]})."
 
 
+def check_governance_conn_allowed(governance_conn_id: str) -> None:
+    """Refuse a governance connection the deployment has not allowed (see :class:`GovernanceHook`)."""
+    allowed = GovernanceHook.allowed_conn_ids()
+    if governance_conn_id in allowed:
+        return
+    default = GovernanceHook.default_conn_name
+    use = "name one of those" + (
+        f" (or omit governance_conn_id: the default is {default!r})" if default in allowed else ""
+    )
+    raise ConfigurationError(
+        f"governance_conn_id={governance_conn_id!r} is not a governance connection this deployment allows: "
+        f"[{CONFIG_SECTION}] {ALLOWED_CONN_IDS_OPTION} is {', '.join(repr(a) for a in allowed)}. The "
+        "governance connection decides the policy, the store and the audit key, so the deployment chooses "
+        f"it, not the DAG. In the DAG, {use}; or have the deployment add {governance_conn_id!r} to "
+        f"[{CONFIG_SECTION}] {ALLOWED_CONN_IDS_OPTION} (env AIRFLOW__GOVERNED_AI__"
+        f"{ALLOWED_CONN_IDS_OPTION.upper()}, comma-separated)."
+    )
+
+
+def governance_conn_for_task(task: Any) -> str:
+    """The governance connection to scan a task's rendered fields with: the task's own if the deployment
+    allows it, else the deployment's first allowed one (the task will fail on the refused one anyway, but
+    its rendered fields are masked first)."""
+    wanted = getattr(task, "governance_conn_id", None) or GovernanceHook.default_conn_name
+    allowed = GovernanceHook.allowed_conn_ids()
+    return wanted if wanted in allowed else allowed[0]
+
+
 def bundle_of(ti: Any) -> str | None:
     """The name of the DAG bundle the running task instance's DAG was loaded from, or None.
 
@@ -367,42 +423,68 @@ def _airflow_mask_secret() -> Callable[[str], None] | None:
 
 def register_secrets_in_rendered_fields(task_instance: Any) -> int:
     """Scan the rendered template fields of a governed operator that is about to run, register every
-    secret the policy's redactor finds with Airflow's masker, and store the rendered fields again, masked.
+    secret the policy's redactor finds with Airflow's masker, and store the rendered fields again: masked,
+    and redacted as the policy redacts prompts (personal data too).
 
     Airflow stores a task's rendered fields before ``execute`` runs, i.e. before governance sees them;
     this runs right after that (from the task-instance listener), so a secret typed into a prompt is masked
-    in the UI's rendered view and in every later log line. Returns how many secrets were found.
+    in the UI's rendered view and in every later log line, and the rendered view shows what the model is
+    sent rather than the customer's e-mail address. Returns how many secrets were found.
     """
     task = task_instance.task
     if not type(task).__module__.startswith("governed_ai."):
         return 0
     fields = {name: getattr(task, name, None) for name in getattr(task, "template_fields", ())}
-    hook = GovernanceHook(
-        governance_conn_id=getattr(task, "governance_conn_id", GovernanceHook.default_conn_name)
-    )
-    governor = hook.governor
-    subject = hook.subject_from_context(task_instance.get_template_context())
-    redactor = governor.redactor_for(governor.engine().redaction_for(subject))
+    governor, redaction = _governance_of(task_instance)
     found: list[str] = []
-    redactor.redact_obj_detailed(fields, on_secret=found.append)
+    governor.redactor_for(redaction).redact_obj_detailed(fields, on_secret=found.append)
     for value in found:
         register_secret_with_airflow(value)
     if found:
         task.overwrite_rtif_after_execution = True
-        _store_rendered_fields_again(task)
+    store_redacted_rendered_fields(task_instance, always=bool(found))
     return len(found)
 
 
-def _store_rendered_fields_again(task: Any) -> None:
-    # Internal task-runner API (3.1-3.3): send the (now masked) rendered fields at once. If it moves, the
-    # overwrite at the end of the task (overwrite_rtif_after_execution) still replaces them.
+def store_redacted_rendered_fields(task_instance: Any, *, always: bool = False) -> bool:
+    """Store a governed task's rendered fields as Airflow serializes them (secrets it knows masked), with
+    what the policy redacts from prompts redacted too; only when that changes something (or ``always``).
+
+    Called when the task starts and again when it ends (the task-instance listener): at the end, Airflow
+    stores the fields again itself when a secret was found during the run
+    (``overwrite_rtif_after_execution``), from the task's raw values, which would bring personal data back.
+    Returns whether fields were sent.
+    """
+    task = task_instance.task
+    if not type(task).__module__.startswith("governed_ai.") or not getattr(task, "template_fields", ()):
+        return False
+    # Internal task-runner API (3.1-3.3). If it moves, Airflow's own overwrite at the end of the task
+    # (overwrite_rtif_after_execution) still masks the secrets, not the personal data.
     try:
         from airflow.sdk.execution_time.comms import SetRenderedFields
         from airflow.sdk.execution_time.task_runner import SUPERVISOR_COMMS, _serialize_rendered_fields
-
-        SUPERVISOR_COMMS.send(SetRenderedFields(rendered_fields=_serialize_rendered_fields(task)))
+    except ImportError:
+        return False
+    fields = _serialize_rendered_fields(task)
+    found = 0
+    governor, redaction = _governance_of(task_instance)
+    if redaction.prompts:
+        fields, found = governor.redact_obj(fields, redaction)
+    if not found and not always:
+        return False
+    try:
+        SUPERVISOR_COMMS.send(SetRenderedFields(rendered_fields=fields))
     except Exception:
-        logging.getLogger(__name__).debug("could not store the masked rendered fields now", exc_info=True)
+        logging.getLogger(__name__).debug("could not store the redacted rendered fields", exc_info=True)
+        return False
+    return True
+
+
+def _governance_of(task_instance: Any) -> tuple[Governor, PolicyRedaction]:
+    hook = GovernanceHook(governance_conn_id=governance_conn_for_task(task_instance.task))
+    governor = hook.governor
+    subject = hook.subject_from_context(task_instance.get_template_context())
+    return governor, governor.engine().redaction_for(subject)
 
 
 def _airflow_mask(text: str) -> str:

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import asyncio
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.compat.sdk import BaseHook
 from airflow.providers.common.compat.version_compat import AIRFLOW_V_3_2_PLUS
 
+from governed_ai.core.errors import ConfigurationError
 from governed_ai.core.llm_settings import LLMConnectionSettings
 from governed_ai.core.transport import ModelTransport
 from governed_ai.hooks.connection_fields import extra_fields
 from governed_ai.hooks.connection_forms import legacy_field_behaviour, legacy_form_widgets
+
+if TYPE_CHECKING:
+    from airflow.providers.common.compat.sdk import Context
+
+    from governed_ai.core.client import GovernedClient
 
 
 class LLMHook(BaseHook):
@@ -27,9 +33,13 @@ class LLMHook(BaseHook):
 
     Calls are never made through this hook directly: they go through the governed client
     (:meth:`governed_ai.hooks.governance.GovernanceHook.governed_client`), which applies the policy,
-    budgets, redaction, the replay journal and the audit trail.
+    budgets, redaction, the replay journal and the audit trail. :meth:`get_conn` and :meth:`governed_client`
+    hand out that client for the running task, through the governance connection ``governance_conn_id``,
+    which the deployment must allow like any operator's (``[governed_ai] allowed_governance_conn_ids``).
 
     :param llm_conn_id: Airflow connection id of type ``governed_ai_llm``.
+    :param governance_conn_id: The governance connection of the client :meth:`get_conn` gives (default
+        ``governed_ai_governance_default``); one the deployment allows.
     """
 
     conn_name_attr = "llm_conn_id"
@@ -41,9 +51,16 @@ class LLMHook(BaseHook):
         get_connection_form_widgets = staticmethod(legacy_form_widgets(conn_type))
         get_ui_field_behaviour = staticmethod(legacy_field_behaviour(conn_type))
 
-    def __init__(self, llm_conn_id: str = default_conn_name, **kwargs: Any) -> None:
+    def __init__(
+        self, llm_conn_id: str = default_conn_name, governance_conn_id: str | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
+        if governance_conn_id is not None:
+            from governed_ai.hooks.governance import check_governance_conn_allowed
+
+            check_governance_conn_allowed(governance_conn_id)  # the same deployment allow-list as operators'
         self.llm_conn_id = llm_conn_id
+        self.governance_conn_id = governance_conn_id
 
     @cached_property
     def settings(self) -> LLMConnectionSettings:
@@ -72,8 +89,31 @@ class LLMHook(BaseHook):
             tokens_per_minute=tokens_per_minute,
         )
 
-    def get_conn(self) -> ModelTransport:
-        return self.transport()
+    def governed_client(self, context: Context | None = None, **settings: Any) -> GovernedClient:
+        """The governed client of the running task (or of ``context``) on this connection: the policy,
+        budgets, redaction, journal and audit trail of ``governance_conn_id`` apply to every call. Use it as
+        a context manager; ``settings`` are those of ``GovernanceHook.governed_client``."""
+        from governed_ai.hooks.governance import GovernanceHook
+
+        if context is None:
+            from airflow.providers.common.compat.sdk import get_current_context
+
+            try:
+                context = get_current_context()
+            except Exception:
+                raise ConfigurationError(
+                    f"LLMHook({self.llm_conn_id!r}) gives governed clients to running tasks only: call "
+                    "get_conn() or governed_client() inside a task, or pass the task's context."
+                ) from None
+        governance = GovernanceHook(
+            governance_conn_id=self.governance_conn_id or GovernanceHook.default_conn_name
+        )
+        return governance.governed_client(context, llm_conn_id=self.llm_conn_id, **settings)
+
+    def get_conn(self) -> GovernedClient:
+        """The governed client of the running task (see :meth:`governed_client`): the hook never hands out
+        an ungoverned path to the model."""
+        return self.governed_client()
 
     def list_models(self) -> list[str]:
         """Model ids the endpoint serves; free (no tokens), so it doubles as the connection test."""

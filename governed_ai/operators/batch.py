@@ -66,7 +66,10 @@ class LLMBatchOperator(BaseOperator):
     "summary": {...}, ...}``; above it (or with ``output_path``) results and failures are written as JSONL
     files and XCom holds a manifest with their paths and the summary. Each result row has ``key``,
     ``position``, ``status`` (``ok``/``replayed``/``failed``/``not_run``), and for successes ``content``,
-    ``output``, ``usage``, ``cost_usd``, ``latency_ms``, ``attempts``; failures carry ``error``.
+    ``output``, ``usage``, ``cost_usd``, ``latency_ms``, ``attempts``; failures carry ``error``. A ``key``
+    appears as given unless the policy's ``output_item_keys`` says otherwise: by default a key in which the
+    redactor finds a secret or personal data (an e-mail address as a ticket id) is shown as
+    ``digest:<16 hex>``, the digest the audit trail records for that item.
 
     :param items: The inputs: a list of dicts or strings (e.g. an upstream task's XCom). Templated.
     :param input_path: Alternatively a ``.jsonl``/``.ndjson``/``.json``/``.csv`` file, local or an
@@ -88,7 +91,9 @@ class LLMBatchOperator(BaseOperator):
         process runs on one core: when a batch is CPU-bound (hundreds of calls per second), processes
         multiply its throughput. All of them govern the same task instance: one policy, one budget
         ledger, one replay journal and one audit chain; rate limits are shared out; results come back in
-        item order. Each process holds ``concurrency`` calls in flight.
+        item order. Each process holds ``concurrency`` calls in flight. Uses ``fork`` (Linux/macOS);
+        tested under LocalExecutor and ``dag.test()``, not yet inside a Celery worker, where one run
+        failed: keep 1 there until that is resolved.
     :param requests_per_minute: Client-side request rate limit (None: unlimited).
     :param tokens_per_minute: Client-side token rate limit, on estimated tokens (None: unlimited).
     :param max_retries: Retries of one request on transient errors (429 honouring Retry-After, 5xx,
@@ -111,7 +116,9 @@ class LLMBatchOperator(BaseOperator):
     :param prompt_name: Optional declared prompt name (recorded as ``name@label#hash``).
     :param prompt_version_label: Optional declared prompt version (requires ``prompt_name``).
     :param llm_conn_id: Connection of type ``governed_ai_llm``.
-    :param governance_conn_id: Connection of type ``governed_ai_governance`` (optional).
+    :param governance_conn_id: Connection of type ``governed_ai_governance`` (optional; default
+        ``governed_ai_governance_default``). Only connections the deployment lists in ``[governed_ai]
+        allowed_governance_conn_ids`` may be named; any other fails the task before any call.
     """
 
     operator_extra_links = (AuditRecordsLink(),)
@@ -221,7 +228,8 @@ class LLMBatchOperator(BaseOperator):
 
     @cached_property
     def governance(self) -> GovernanceHook:
-        return GovernanceHook(governance_conn_id=self.governance_conn_id)
+        with airflow_errors(self.task_id):  # a governance connection the deployment does not allow
+            return GovernanceHook(governance_conn_id=self.governance_conn_id)
 
     # -- inputs -------------------------------------------------------------------------------------
 

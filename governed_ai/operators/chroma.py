@@ -56,7 +56,8 @@ class _GovernedChromaOperator(BaseOperator):
 
     @cached_property
     def governance(self) -> GovernanceHook:
-        return GovernanceHook(governance_conn_id=self.governance_conn_id)
+        with airflow_errors(self.task_id):  # a governance connection the deployment does not allow
+            return GovernanceHook(governance_conn_id=self.governance_conn_id)
 
     @contextmanager
     def retrieval(self, context: Context, *, embed: bool = True) -> Iterator[GovernedRetrieval]:
@@ -127,7 +128,9 @@ class ChromaIngestOperator(_GovernedChromaOperator):
     :param batch_size: Chunks embedded and written per batch; progress is logged after each.
     :param chroma_conn_id: Connection of type ``governed_ai_chroma``; absent means embedded Chroma
         under ``$AIRFLOW_HOME/governed_ai/chroma`` with offline embeddings.
-    :param governance_conn_id: Connection of type ``governed_ai_governance`` (optional).
+    :param governance_conn_id: Connection of type ``governed_ai_governance`` (optional; default
+        ``governed_ai_governance_default``). Only connections the deployment lists in ``[governed_ai]
+        allowed_governance_conn_ids`` may be named; any other fails the task before any call.
     """
 
     template_fields: Sequence[str] = ("collection", "documents", "paths", "metadata")
@@ -188,14 +191,20 @@ class ChromaIngestOperator(_GovernedChromaOperator):
         if root.is_file():
             return [SourceDocument(text=root.read_text(encoding="utf-8"), source=given)]
         found = []
+        skipped: dict[str, int] = {}
         for file in sorted(root.rglob("*"), key=str):
             if not file.is_file():
                 continue
-            relative = relative_name(file, root)
             if file.suffix.lower() not in TEXT_SUFFIXES:
-                self.log.info("Skipping %s: not a text or Markdown file", relative)
+                skipped[file.suffix.lower() or "(none)"] = skipped.get(file.suffix.lower() or "(none)", 0) + 1
                 continue
-            found.append(SourceDocument(text=file.read_text(encoding="utf-8"), source=relative))
+            found.append(
+                SourceDocument(text=file.read_text(encoding="utf-8"), source=relative_name(file, root))
+            )
+        if skipped:
+            # Counts by suffix, not names: a file may be named after a customer (the names are redacted
+            # before they are stored, but a log line is not).
+            self.log.info("Skipped files that are not text or Markdown, by suffix: %s", skipped)
         if not found:
             raise FileNotFoundError(
                 f"{self.task_id}: no text or Markdown files under {given!r} "
@@ -272,7 +281,9 @@ class ChromaQueryOperator(_GovernedChromaOperator):
     :param where_document: Chroma document filter, e.g. ``{"$contains": "refund"}``. Templated.
     :param min_similarity: Drop chunks whose cosine similarity is below this (-1..1).
     :param chroma_conn_id: Connection of type ``governed_ai_chroma`` (optional).
-    :param governance_conn_id: Connection of type ``governed_ai_governance`` (optional).
+    :param governance_conn_id: Connection of type ``governed_ai_governance`` (optional; default
+        ``governed_ai_governance_default``). Only connections the deployment lists in ``[governed_ai]
+        allowed_governance_conn_ids`` may be named; any other fails the task before any call.
     """
 
     template_fields: Sequence[str] = ("collection", "query", "where", "where_document")
@@ -356,13 +367,17 @@ class ChromaPurgeOperator(_GovernedChromaOperator):
     criterion the task fails instead of emptying the collection.
 
     :param collection: Collection to purge. Templated.
-    :param sources: Delete every chunk whose ``source`` is in this list. Templated.
+    :param sources: Delete every chunk whose ``source`` is in this list. Templated. Names are redacted
+        as ingest stored them, so a file named after a customer is purged by its real name (and names that
+        redact to the same text, such as two e-mail addresses, are purged together).
     :param ids: Delete these chunk ids. Templated.
     :param ingested_before: Delete chunks ingested before this moment (datetime or ISO 8601 string,
         e.g. ``"{{ data_interval_start }}"``). Templated.
     :param max_age: Delete chunks older than this (a ``timedelta``) at the time the task runs.
     :param chroma_conn_id: Connection of type ``governed_ai_chroma`` (optional).
-    :param governance_conn_id: Connection of type ``governed_ai_governance`` (optional).
+    :param governance_conn_id: Connection of type ``governed_ai_governance`` (optional; default
+        ``governed_ai_governance_default``). Only connections the deployment lists in ``[governed_ai]
+        allowed_governance_conn_ids`` may be named; any other fails the task before any call.
     """
 
     template_fields: Sequence[str] = ("collection", "sources", "ids", "ingested_before")
@@ -409,10 +424,12 @@ class ChromaPurgeOperator(_GovernedChromaOperator):
             deleted = retrieval.purge(self.governance.subject_from_context(context), self.collection, request)
             remaining = retrieval.store.count(self.collection)
         self.log.info(
-            "Purged %d chunk(s) from %s (%s); %d remain",
+            "Purged %d chunk(s) from %s (by %d source(s), %d id(s), ingested before %s); %d remain",
             deleted,
             self.collection,
-            request.describe(),
+            len(request.sources),  # names stay out of the log: a source may be named after a customer
+            len(request.ids),
+            request.ingested_before.isoformat() if request.ingested_before else "-",
             remaining,
         )
         self._deleted = deleted

@@ -63,8 +63,9 @@ class LLMOperator(BaseOperator):
         timeouts, malformed bodies); default: the connection's ``max_retries``.
     :param deadline_seconds: One request's time limit over all its retries; default: the connection's.
     :param llm_conn_id: Connection of type ``governed_ai_llm``.
-    :param governance_conn_id: Connection of type ``governed_ai_governance``; optional when the
-        ``[governed_ai]`` config section names the policy.
+    :param governance_conn_id: Connection of type ``governed_ai_governance`` (optional; default
+        ``governed_ai_governance_default``). Only connections the deployment lists in ``[governed_ai]
+        allowed_governance_conn_ids`` may be named; any other fails the task before any call.
     """
 
     operator_extra_links = (AuditRecordsLink(),)
@@ -128,7 +129,8 @@ class LLMOperator(BaseOperator):
 
     @cached_property
     def governance(self) -> GovernanceHook:
-        return GovernanceHook(governance_conn_id=self.governance_conn_id)
+        with airflow_errors(self.task_id):  # a governance connection the deployment does not allow
+            return GovernanceHook(governance_conn_id=self.governance_conn_id)
 
     def rendered_messages(self) -> list[Message]:
         """The conversation after templating, checked for the mistakes templating can introduce."""

@@ -27,6 +27,7 @@ from governed_ai.core.validation.rows import (
 from governed_ai.core.validation.runner import ValidationRunError, run_suite
 from governed_ai.core.validation.suite import SuiteSpecError, ValidationSuite
 from governed_ai.hooks.governance import GovernanceHook
+from governed_ai.operators.errors import airflow_errors
 from governed_ai.operators.storage import read_text
 from governed_ai.plugins.links import AuditRecordsLink
 
@@ -89,8 +90,9 @@ class LLMOutputQualityOperator(BaseOperator):
     :param redact_quarantined: Redact quarantined rows (with the policy's redaction settings and Airflow's
         secrets masker) before they reach XCom or the quarantine file; they may hold the very leak a
         ``no_pii`` check caught.
-    :param governance_conn_id: Connection of type ``governed_ai_governance``; optional when the
-        ``[governed_ai]`` config section names the policy.
+    :param governance_conn_id: Connection of type ``governed_ai_governance`` (optional; default
+        ``governed_ai_governance_default``). Only connections the deployment lists in ``[governed_ai]
+        allowed_governance_conn_ids`` may be named; any other fails the task before any call.
     """
 
     operator_extra_links = (AuditRecordsLink(),)
@@ -179,7 +181,8 @@ class LLMOutputQualityOperator(BaseOperator):
 
     @cached_property
     def governance(self) -> GovernanceHook:
-        return GovernanceHook(governance_conn_id=self.governance_conn_id)
+        with airflow_errors(self.task_id):  # a governance connection the deployment does not allow
+            return GovernanceHook(governance_conn_id=self.governance_conn_id)
 
     # -- inputs ----------------------------------------------------------------------------------------
 

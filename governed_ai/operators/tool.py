@@ -81,8 +81,9 @@ class ToolOperator(BaseOperator):
     :param arguments: The arguments as a dict (keys are the tool's parameters). Templated; rendered strings
         are converted to the declared types (e.g. ``"5"`` to 5) by validation.
     :param registry: Where a tool name is looked up; default the process registry that ``@tool`` fills.
-    :param governance_conn_id: Connection of type ``governed_ai_governance``; optional when the
-        ``[governed_ai]`` config section names the policy.
+    :param governance_conn_id: Connection of type ``governed_ai_governance`` (optional; default
+        ``governed_ai_governance_default``). Only connections the deployment lists in ``[governed_ai]
+        allowed_governance_conn_ids`` may be named; any other fails the task before any call.
     """
 
     operator_extra_links = (AuditRecordsLink(),)
@@ -112,7 +113,8 @@ class ToolOperator(BaseOperator):
 
     @cached_property
     def governance(self) -> GovernanceHook:
-        return GovernanceHook(governance_conn_id=self.governance_conn_id)
+        with airflow_errors(self.task_id):  # a governance connection the deployment does not allow
+            return GovernanceHook(governance_conn_id=self.governance_conn_id)
 
     def execute(self, context: Context) -> dict[str, Any]:
         if not isinstance(self.arguments, dict):

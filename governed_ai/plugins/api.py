@@ -53,11 +53,12 @@ read_audit_log = requires_access_dag("GET", DagAccessEntity.AUDIT_LOG)
 
 def governance_store_url() -> str:
     """The governance store the tasks write to, found the way :class:`GovernanceHook` finds it: the
-    ``governed_ai_governance_default`` connection's ``store_url`` extra, else ``[governed_ai] store_url``,
-    else the default SQLite file under ``$AIRFLOW_HOME/governed_ai/``."""
+    deployment's governance connection's ``store_url`` extra (``governed_ai_governance_default``, or the
+    first of ``[governed_ai] allowed_governance_conn_ids``), else ``[governed_ai] store_url``, else the
+    default SQLite file under ``$AIRFLOW_HOME/governed_ai/``."""
     from governed_ai.hooks.governance import GovernanceHook
 
-    return GovernanceHook().settings.store_url or default_store_url()
+    return GovernanceHook.for_deployment().settings.store_url or default_store_url()
 
 
 class _StoreViews:
@@ -81,7 +82,7 @@ class _StoreViews:
                 from governed_ai.hooks.governance import GovernanceHook
 
                 engine = create_store_engine(self.store_url)
-                hook = GovernanceHook()
+                hook = GovernanceHook.for_deployment()
                 # Never create a key here: a key the writers do not share could not verify anything, and
                 # without one the page says "not verified".
                 self._views = AuditViews(

@@ -1,5 +1,6 @@
-"""Task-instance listener: secrets in a governed task's rendered fields are masked before it runs, and
-when a task ends the audit chain head it wrote to is anchored.
+"""Task-instance listener: secrets in a governed task's rendered fields are masked (and what the policy
+redacts from prompts redacted) before it runs and again when it ends, and when a task ends the audit chain
+head it wrote to is anchored.
 
 Runs in the task's own process (Airflow calls task-instance listeners there, ``dag.test()`` included), so
 the anchor line lands in the task log and the anchor file is written next to the others. Imported by the
@@ -17,7 +18,14 @@ hookimpl = HookimplMarker("airflow")
 logger = logging.getLogger(__name__)
 
 
-def _anchor() -> None:
+def _task_ended(task_instance: Any) -> None:
+    try:
+        from governed_ai.hooks.governance import store_redacted_rendered_fields
+
+        # Airflow may have stored the rendered fields again from the raw values as the task ended.
+        store_redacted_rendered_fields(task_instance)
+    except Exception:  # a listener must never change the task's outcome
+        logger.exception("could not store the redacted rendered fields at the end of the task")
     try:
         from governed_ai.hooks.governance import anchor_audit_chains
 
@@ -38,9 +46,9 @@ def on_task_instance_running(previous_state: Any, task_instance: Any) -> None:
 
 @hookimpl
 def on_task_instance_success(previous_state: Any, task_instance: Any) -> None:
-    _anchor()
+    _task_ended(task_instance)
 
 
 @hookimpl
 def on_task_instance_failed(previous_state: Any, task_instance: Any, error: Any) -> None:
-    _anchor()
+    _task_ended(task_instance)

@@ -10,6 +10,7 @@ from airflow.providers.common.compat.sdk import AirflowFailException, BaseSensor
 
 from governed_ai.core.budget import room_for
 from governed_ai.hooks.governance import GovernanceHook
+from governed_ai.operators.errors import airflow_errors
 from governed_ai.triggers.budget import BudgetTrigger
 
 if TYPE_CHECKING:
@@ -29,7 +30,9 @@ class BudgetSensor(BaseSensorOperator):
     :param min_tokens: Room needed, in tokens (e.g. a batch item's worst case times the block size).
     :param min_cost_usd: Room needed, in dollars (0: only tokens count).
     :param deferrable: Wait in the triggerer (default) instead of rescheduling.
-    :param governance_conn_id: Connection of type ``governed_ai_governance`` (optional).
+    :param governance_conn_id: Connection of type ``governed_ai_governance`` (optional; default
+        ``governed_ai_governance_default``). Only connections the deployment lists in ``[governed_ai]
+        allowed_governance_conn_ids`` may be named; any other fails the task before any call.
 
     Other parameters (``poke_interval``, ``timeout``, ``soft_fail``, ``mode``) are those of
     ``BaseSensorOperator``; ``poke_interval`` defaults to 5 minutes here.
@@ -62,7 +65,8 @@ class BudgetSensor(BaseSensorOperator):
         self.governance_conn_id = governance_conn_id
 
     def poke(self, context: Context) -> bool:
-        hook = GovernanceHook(governance_conn_id=self.governance_conn_id)
+        with airflow_errors(self.task_id):  # a governance connection the deployment does not allow
+            hook = GovernanceHook(governance_conn_id=self.governance_conn_id)
         ready, reason = room_for(
             hook.governor,
             hook.subject_from_context(context),

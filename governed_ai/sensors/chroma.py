@@ -15,6 +15,7 @@ from governed_ai.core.retrieval.governed import GovernedRetrieval
 from governed_ai.hooks.chroma import ChromaHook
 from governed_ai.hooks.governance import GovernanceHook
 from governed_ai.operators.chroma import as_datetime, check_collection_name
+from governed_ai.operators.errors import airflow_errors
 from governed_ai.triggers.chroma import ChromaCollectionTrigger
 
 if TYPE_CHECKING:
@@ -35,7 +36,9 @@ class ChromaCollectionSensor(BaseSensorOperator):
         ``"{{ data_interval_start }}"``). Templated.
     :param deferrable: Wait in the triggerer instead of rescheduling (needs a running triggerer).
     :param chroma_conn_id: Connection of type ``governed_ai_chroma`` (optional).
-    :param governance_conn_id: Connection of type ``governed_ai_governance`` (optional).
+    :param governance_conn_id: Connection of type ``governed_ai_governance`` (optional; default
+        ``governed_ai_governance_default``). Only connections the deployment lists in ``[governed_ai]
+        allowed_governance_conn_ids`` may be named; any other fails the task before any call.
 
     Other parameters (``poke_interval``, ``timeout``, ``mode``, ...) are those of ``BaseSensorOperator``.
     """
@@ -69,9 +72,10 @@ class ChromaCollectionSensor(BaseSensorOperator):
 
     @cached_property
     def retrieval(self) -> GovernedRetrieval:
+        with airflow_errors(self.task_id):  # a governance connection the deployment does not allow
+            governance = GovernanceHook(governance_conn_id=self.governance_conn_id)
         return GovernedRetrieval(
-            GovernanceHook(governance_conn_id=self.governance_conn_id).governor,
-            ChromaHook(chroma_conn_id=self.chroma_conn_id).store(None),
+            governance.governor, ChromaHook(chroma_conn_id=self.chroma_conn_id).store(None)
         )
 
     def _newer_than(self) -> datetime | None:

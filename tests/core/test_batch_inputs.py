@@ -37,8 +37,18 @@ def test_an_item_without_its_key_field_is_an_error_naming_the_item(row):
         make_items([{"id": "ok"}, row], key_field="id")
 
 
+def test_input_errors_name_positions_and_fields_never_the_data():
+    # The message ends up in the task log, which is not redacted: it must not quote the item or its key.
+    with pytest.raises(BatchInputError, match=r"its fields: \['email', 'text'\]") as missing:
+        make_items([{"email": "jane.roe@example.com", "text": "card 4111 1111 1111 1111"}], key_field="id")
+    assert "jane.roe" not in str(missing.value) and "4111" not in str(missing.value)
+    with pytest.raises(BatchInputError) as duplicate:
+        make_items([{"id": "jane.roe@example.com"}, {"id": "jane.roe@example.com"}], key_field="id")
+    assert "jane.roe" not in str(duplicate.value)
+
+
 def test_duplicate_key_field_values_are_refused_with_both_positions():
-    with pytest.raises(BatchInputError, match=r"items 0 and 2 have the same 'id' value 'a'.*key_field"):
+    with pytest.raises(BatchInputError, match=r"items 0 and 2 have the same 'id' value.*key_field"):
         make_items([{"id": "a"}, {"id": "b"}, {"id": "a"}], key_field="id")
 
 

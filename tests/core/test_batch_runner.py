@@ -87,6 +87,7 @@ class Harness:
         requests_per_minute: float | None = None,
         tokens_per_minute: float | None = None,
         before_each: Callable[[int], None] | None = None,
+        prices: PriceTable = PRICES,
         **settings: Any,
     ) -> BatchRun:
         connection = LLMConnectionSettings(
@@ -104,7 +105,7 @@ class Harness:
             transport,
             subject,
             connection_id="llm",
-            prices=PRICES,
+            prices=prices,
             budget_block_size=budget_block_size,
         )
         self.last_client = client
@@ -342,6 +343,21 @@ def test_a_budget_that_runs_out_stops_the_rest_as_not_run(harness):
     (budget,) = h.governor.ledger.status()
     assert budget.spent_tokens == 10 * statuses.count("ok") <= 150
     assert len(h.audit("budget.deny")) == 1
+
+
+def test_an_unpriced_model_under_a_cost_budget_stops_the_batch_before_any_call(harness):
+    cost_budget = (
+        "budgets:\n  - {name: batch-cost, scope: dag, match: {dag_id: batch_dag}, period: run, "
+        "max_cost_usd: 1.0}\n"
+    )
+    h = harness(policy() + cost_budget)
+    run = h.run(rows(5), concurrency=2, prices=PriceTable())
+
+    assert {o.status for o in run.outcomes} == {"not_run"} and h.server.chat_requests == []
+    # Not a budget that runs out (waiting for the next period would not help): the batch fails.
+    assert not run.stopped_by_budget and run.stopped is not None
+    assert "'fake-model' has no price" in run.stopped and "batch-cost" in run.stopped
+    assert len(h.audit("budget.unpriced")) >= 1
 
 
 def test_a_policy_broken_mid_batch_stops_it_within_one_in_flight_window(harness):

@@ -24,6 +24,7 @@ from governed_ai.core.errors import (
     ModelNotServed,
     ModelUnavailable,
     StructuredOutputError,
+    UnpricedModel,
 )
 from governed_ai.core.governor import FixedPolicy, Governor
 from governed_ai.core.journal import ReplayJournal
@@ -73,6 +74,19 @@ def policy_text(
     return "version: 1\n" + defaults + RULES + budget
 
 
+def cost_budget_yaml(max_cost_usd: float, *, max_tokens: int | None = None, allow: str = "") -> str:
+    return (
+        "budgets:\n"
+        "  - name: unit-cost\n"
+        "    scope: dag\n"
+        '    match: {dag_id: "unit_*"}\n'
+        "    period: run\n"
+        f"    max_cost_usd: {max_cost_usd}\n"
+        + (f"    max_tokens: {max_tokens}\n" if max_tokens is not None else "")
+        + (f"    allow_unpriced_models: {allow}\n" if allow else "")
+    )
+
+
 def budget_yaml(max_tokens: int) -> str:
     return (
         "budgets:\n"
@@ -94,7 +108,9 @@ class Setup:
     server: FakeOpenAIServer
     engine: Engine
 
-    def client(self, subject: Subject = SUBJECT, **settings: object) -> GovernedClient:
+    def client(
+        self, subject: Subject = SUBJECT, *, prices: PriceTable = PRICES, **settings: object
+    ) -> GovernedClient:
         values: dict[str, object] = {"base_url": self.server.base_url, "api_key": "k", "max_retries": 0}
         values.update(settings)
         connection = LLMConnectionSettings.model_validate(values)
@@ -103,7 +119,7 @@ class Setup:
             ModelTransport(connection, connection_id=CONN),
             subject,
             connection_id=CONN,
-            prices=PRICES,
+            prices=prices,
             default_model="primary",
         )
 
@@ -281,6 +297,60 @@ def test_budget_exhaustion_denies_audits_and_sends_nothing(make):
     assert len(setup.sent()) == 1
     (record,) = setup.records("budget.deny")
     assert (record.decision, record.rule, record.resource) == ("deny", "unit-budget", "llm/primary")
+
+
+# Only "backup" has a price: "primary" and "embedder" are unpriced models.
+ONLY_BACKUP_PRICED = PriceTable.from_mapping(
+    {"backup": {"input_per_1m_tokens": 1.0, "output_per_1m_tokens": 2.0}}
+)
+
+
+def ask(client: GovernedClient, model: str) -> GovernedChatResult:
+    return client.chat(
+        ChatRequest(messages=[{"role": "user", "content": "hello"}], model=model, max_tokens=20)
+    )
+
+
+def test_an_unpriced_model_under_a_cost_budget_is_denied_before_anything_is_reserved_or_sent(make):
+    setup = make(policy_text(budget=cost_budget_yaml(1.0)))
+    with setup.client(prices=ONLY_BACKUP_PRICED) as client:
+        with pytest.raises(UnpricedModel) as chat_denied:
+            ask(client, "primary")
+        with pytest.raises(UnpricedModel) as embed_denied:
+            client.embed(["some text"], model="embedder")
+        assert ask(client, "backup").result.content == "fine"  # a priced model is charged as usual
+    denial = chat_denied.value
+    assert isinstance(denial, GovernanceDenied) and denial.permanent and denial.rule == "unit-cost"
+    for needed in ("'primary'", "'unit-cost'", "no price", "'prices' extra", "allow_unpriced_models"):
+        assert needed in str(denial), needed
+    assert "'embedder'" in str(embed_denied.value)
+    assert [r["model"] for r in setup.sent()] == ["backup"]
+    assert not [p for p in setup.server.paths if "embed" in p]
+    records = setup.records("budget.unpriced")
+    assert [(r.decision, r.outcome, r.rule, r.model) for r in records] == [
+        ("deny", "denied", "unit-cost", "primary"),
+        ("deny", "denied", "unit-cost", "embedder"),
+    ]
+    assert setup.budget().spent_cost_usd == pytest.approx(PRICES.cost("backup", 10, 5))
+    assert setup.budget().reserved_tokens == 0
+
+
+def test_a_budget_may_count_named_unpriced_models_in_tokens_only(make):
+    setup = make(policy_text(budget=cost_budget_yaml(1.0, max_tokens=1000, allow='["prim*"]')))
+    with setup.client(prices=ONLY_BACKUP_PRICED) as client:
+        governed = ask(client, "primary")
+        with pytest.raises(UnpricedModel):  # not in allow_unpriced_models
+            client.embed(["some text"], model="embedder")
+    assert governed.result.cost_usd == 0.0
+    status = setup.budget()
+    assert (status.spent_tokens, status.spent_cost_usd) == (15, 0.0)  # tokens counted, $0
+
+
+def test_an_unpriced_model_runs_when_no_budget_limits_cost(make):
+    setup = make(policy_text(budget=budget_yaml(1000)))
+    with setup.client(prices=PriceTable()) as client:
+        assert ask(client, "primary").result.cost_usd == 0.0
+    assert setup.budget().spent_tokens == 15 and setup.records("budget.unpriced") == []
 
 
 # -- the journal: nothing paid twice -----------------------------------------------------------------------

@@ -287,6 +287,30 @@ rules: []
         "version",
         ["Input should be 1", "got 2"],
     ),
+    "allow_unpriced_models without a cost limit": (
+        """\
+version: 1
+budgets:
+  - name: b
+    scope: global
+    period: day
+    max_tokens: 10
+    allow_unpriced_models: ["*"]
+""",
+        "allow_unpriced_models:",
+        "budgets[0].allow_unpriced_models",
+        ["no max_cost_usd", "remove it or add max_cost_usd"],
+    ),
+    "unknown output_item_keys mode": (
+        """\
+version: 1
+defaults:
+  output_item_keys: raw
+""",
+        "output_item_keys:",
+        "defaults.output_item_keys",
+        ["'allow_pii', 'redacted' or 'digest'", "got 'raw'"],
+    ),
     "glob as route target": (
         """\
 version: 1

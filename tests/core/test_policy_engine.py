@@ -377,6 +377,34 @@ rules:
     assert engine.authorize_tool(pii, "none", {}).redaction == pii_settings
 
 
+def test_output_item_keys_start_from_the_defaults_and_rules_can_only_make_them_stricter() -> None:
+    engine = engine_from_text(
+        """\
+version: 1
+defaults: {output_item_keys: allow_pii}
+rules:
+  - name: strict
+    match: {task_id: strict}
+    redaction: {output_item_keys: digest}
+  - name: cannot-loosen
+    match: {task_id: strict}
+    redaction: {output_item_keys: allow_pii}
+  - name: middle
+    match: {task_id: middle}
+    redaction: {output_item_keys: redacted}
+"""
+    )
+    keys = {task: engine.redaction_for(Subject(dag_id="d", task_id=task)).output_item_keys for task in
+            ("strict", "middle", "other")}  # fmt: skip
+    assert keys == {"strict": "digest", "middle": "redacted", "other": "allow_pii"}
+    assert engine_from_text("version: 1\n").redaction_for(
+        Subject(dag_id="d", task_id="t")
+    ).output_item_keys == ("redacted")
+    assert PolicyEngine.deny_all("broken").redaction_for(
+        Subject(dag_id="d", task_id="t")
+    ).output_item_keys == ("digest")
+
+
 # -- budgets ----------------------------------------------------------------------------------------------
 
 BUDGET_POLICY = """\
@@ -410,6 +438,18 @@ def test_budget_applicability(subject: Subject, expected: list[str]) -> None:
     engine = engine_from_text(BUDGET_POLICY)
     budgets = engine.budgets_for(subject, datetime(2026, 5, 17, 12, tzinfo=UTC))
     assert [b.name for b in budgets] == expected
+
+
+def test_budgets_requiring_a_price_are_those_with_a_cost_limit_that_do_not_allow_the_model() -> None:
+    engine = engine_from_text(
+        BUDGET_POLICY.replace(
+            "max_cost_usd: 20}", 'max_cost_usd: 20, allow_unpriced_models: ["local-*"]}'
+        ).replace("max_cost_usd: 100}", 'max_cost_usd: 100, allow_unpriced_models: ["*"]}')
+    )
+    subject = Subject(dag_id="support_triage", task_id="classify", owner="ai-team")
+    assert engine.budgets_requiring_price(subject, "gpt-4o") == ["support-classify-run", "ai-team-monthly"]
+    assert engine.budgets_requiring_price(subject, "local-llama") == ["support-classify-run"]
+    assert engine.budgets_requiring_price(Subject(dag_id="other", task_id="x"), "gpt-4o") == []
 
 
 def utc(

@@ -18,7 +18,10 @@ contains ``[key={{ item.id }}]``).
 
 It counts, per item key, the successful completions it served and the tokens they used (``GET /stats``
 or :meth:`stats`), which is what "nothing is paid for twice" and "the ledger equals what was served" are
-checked against.
+checked against. With ``record_bodies`` it also keeps every request body it received (path and raw
+text, :meth:`FaultyFakeOpenAIServer.request_bodies`), which is what "nothing secret left the task" is
+checked against. ``POST /v1/embeddings`` answers with deterministic vectors (a hash of each input), never
+faulted.
 
 A request with a JSON schema in ``response_format`` (either dialect, ``json_schema`` or ``json_object``
 with ``schema``) gets JSON that matches the schema, as from a grammar-constrained server (see
@@ -81,6 +84,8 @@ class FaultConfig:
     models: tuple[str, ...] = ("fake-model",)
     key_pattern: str = DEFAULT_KEY_PATTERN
     completion_tokens: int = 5
+    record_bodies: bool = False
+    embedding_dimensions: int = 32
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.fault_rate <= 1.0:
@@ -131,6 +136,7 @@ class _Protocol:
         self.stats = _Stats()
         self._key_pattern = re.compile(config.key_pattern)
         self._lock = threading.Lock()  # stats are read from other threads
+        self.bodies: list[tuple[str, str]] = []
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
@@ -172,6 +178,8 @@ class _Protocol:
     async def _respond(self, method: str, path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
         with self._lock:
             self.stats.requests += 1
+            if self.config.record_bodies and body:
+                self.bodies.append((path, body.decode("utf-8", errors="replace")))
         if method == "GET" and path.rstrip("/").endswith("/models"):
             models = [
                 {"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in self.config.models
@@ -184,6 +192,8 @@ class _Protocol:
             return 200, {}, b"{}"
         if method == "POST" and path.rstrip("/").endswith("/chat/completions"):
             return await self._chat(json.loads(body or b"{}"))
+        if method == "POST" and path.rstrip("/").endswith("/embeddings"):
+            return self._embeddings(json.loads(body or b"{}"))
         return 404, {}, b'{"error": {"message": "not found", "type": "fake"}}'
 
     async def _chat(self, request: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
@@ -213,6 +223,25 @@ class _Protocol:
         finally:
             with self._lock:
                 self.stats.in_flight -= 1
+
+    def _embeddings(self, request: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
+        inputs = request.get("input") or []
+        texts = [inputs] if isinstance(inputs, str) else [str(text) for text in inputs]
+        data = []
+        for index, text in enumerate(texts):
+            digest = hashlib.sha256(text.encode()).digest()
+            vector = [
+                (digest[i % len(digest)] - 127.5) / 127.5 for i in range(self.config.embedding_dimensions)
+            ]
+            data.append({"object": "embedding", "index": index, "embedding": vector})
+        tokens = sum(_prompt_tokens(text) for text in texts)
+        body = {
+            "object": "list",
+            "data": data,
+            "model": request.get("model", self.config.models[0]),
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+        return 200, {}, json.dumps(body).encode()
 
     def _reply(
         self, fault: str | None, key: str, attempt: int, request: dict[str, Any], prompt: str
@@ -301,6 +330,11 @@ class FaultyFakeOpenAIServer:
 
     def reset_stats(self) -> None:
         self._protocol.reset()
+
+    def request_bodies(self) -> list[tuple[str, str]]:
+        """``(path, body text)`` of every request with a body, in arrival order (``record_bodies`` only)."""
+        with self._protocol._lock:
+            return list(self._protocol.bodies)
 
     def start(self) -> FaultyFakeOpenAIServer:
         self._thread.start()

@@ -181,3 +181,82 @@ def test_editing_the_policy_file_changes_decisions_without_a_new_hook(governance
 
     assert not allowed(hook, "beta-model")
     assert hook.test_connection()[0] is False
+
+
+# -- which governance connection: the deployment's choice ---------------------------------------------------
+
+
+def test_only_the_default_governance_connection_is_allowed_unless_the_deployment_lists_more(
+    governance_policy, monkeypatch
+):
+    from governed_ai.core.errors import ConfigurationError
+
+    governance_policy(granting("from-config"))
+    assert GovernanceHook.allowed_conn_ids() == ("governed_ai_governance_default",)
+    with pytest.raises(ConfigurationError) as refused:
+        GovernanceHook(governance_conn_id="lax_governance")
+    message = str(refused.value)
+    for needed in (
+        "governance_conn_id='lax_governance'",
+        "[governed_ai] allowed_governance_conn_ids",
+        "'governed_ai_governance_default'",
+        "AIRFLOW__GOVERNED_AI__ALLOWED_GOVERNANCE_CONN_IDS",
+    ):
+        assert needed in message, needed
+    assert refused.value.permanent
+
+    # The deployment allows a second connection: a task may name it, and its policy applies.
+    monkeypatch.setenv(
+        "AIRFLOW__GOVERNED_AI__ALLOWED_GOVERNANCE_CONN_IDS", " governed_ai_governance_default, eu "
+    )
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_EU",
+        json.dumps({"conn_type": "governed_ai_governance", "extra": {"policy_yaml": granting("eu-model")}}),
+    )
+    monkeypatch.delenv("AIRFLOW__GOVERNED_AI__POLICY_PATH")
+    assert GovernanceHook.allowed_conn_ids() == ("governed_ai_governance_default", "eu")
+    assert allowed(GovernanceHook(governance_conn_id="eu"), "eu-model")
+    with pytest.raises(ConfigurationError, match="'governed_ai_governance_default', 'eu'"):
+        GovernanceHook(governance_conn_id="lax_governance")
+
+    # A deployment that allows only its own connection: tasks (and the CLI and UI) use that one.
+    monkeypatch.setenv("AIRFLOW__GOVERNED_AI__ALLOWED_GOVERNANCE_CONN_IDS", "eu")
+    assert GovernanceHook.for_deployment().governance_conn_id == "eu"
+    with pytest.raises(ConfigurationError) as default_refused:
+        GovernanceHook()
+    assert "is 'eu'" in str(default_refused.value) and "omit governance_conn_id" not in str(
+        default_refused.value
+    )
+
+
+def test_a_task_naming_a_governance_connection_the_deployment_does_not_allow_fails_before_any_call(
+    governance_policy, monkeypatch
+):
+    from airflow.providers.common.compat.sdk import AirflowFailException
+
+    from governed_ai.operators.batch import LLMBatchOperator
+    from governed_ai.operators.llm import LLMOperator
+
+    governance_policy(granting("fake-model"))
+    # A laxer governance connection exists (it would grant everything), but the deployment did not allow it.
+    lax = "version: 1\nrules:\n  - name: everything\n    models: [{connection: '*', model: '*'}]\n"
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_LAX", json.dumps({"conn_type": "governed_ai_governance", "extra": {"policy_yaml": lax}})
+    )
+    with FakeOpenAIServer() as server:
+        monkeypatch.setenv("AIRFLOW_CONN_GOVERNED_AI_LLM_DEFAULT", server.connection_json())
+        operators = [
+            LLMOperator(task_id="ask", prompt="hi", model="fake-model", governance_conn_id="lax"),
+            LLMBatchOperator(
+                task_id="batch",
+                items=["a", "b"],
+                prompt_template="{{ item }}",
+                model="fake-model",
+                governance_conn_id="lax",
+            ),
+        ]
+        for operator in operators:
+            with pytest.raises(AirflowFailException, match="allowed_governance_conn_ids") as failed:
+                operator.execute(fake_context())
+            assert "governance_conn_id='lax'" in str(failed.value)
+        assert server.requests == []

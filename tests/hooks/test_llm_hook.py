@@ -202,6 +202,25 @@ def test_extra_fields_with_airflow_ui_prefix_are_read(monkeypatch, fake):
     assert LLMHook(llm_conn_id="test_llm").settings.default_model == "other-model"
 
 
+def test_the_hook_hands_out_only_governed_clients_through_an_allowed_governance_connection(
+    monkeypatch, fake, governance_policy
+):
+    from governed_ai.hooks.governance import GovernanceHook
+    from tests.conftest import fake_context
+
+    governance_policy(POLICY)
+    hook = make_hook(monkeypatch, fake)
+    with hook.governed_client(fake_context("hook_dag", "ask")) as client:
+        client.chat(ChatRequest(messages=[{"role": "user", "content": "hi"}], model="fake-model"))
+    (call,) = GovernanceHook().governor.audit.query(dag_id="hook_dag", action="model.call")
+    assert call.outcome == "ok" and len(fake.chat_requests) == 1
+    with pytest.raises(ConfigurationError, match="inside a task"):
+        hook.get_conn()  # not in a running task: there is no task to govern the call for
+    with pytest.raises(ConfigurationError, match="allowed_governance_conn_ids"):
+        LLMHook(llm_conn_id="test_llm", governance_conn_id="lax_governance")
+    assert len(fake.chat_requests) == 1
+
+
 @pytest.mark.real_model
 def test_real_local_model_structured_output(local_model_connection, client_for_connection):
     class Sentiment(BaseModel):

@@ -191,14 +191,59 @@ def test_items_rendered_to_json_text_are_parsed(fake):
     assert [r["key"] for r in op.execute(task_context())["results"]] == ["T0", "T1"]
 
 
+# -- item keys in the task's own outputs: the policy decides ---------------------------------------------
+
+EMAIL_KEY = "jane.roe@example.com"
+SECRET_KEY = "AKIAIOSFODNN7EXAMPLE"  # an AWS access key id used as an item key
+
+
+@pytest.mark.parametrize(
+    ("mode", "shown_raw"),
+    [("redacted", {"T1"}), ("allow_pii", {"T1", EMAIL_KEY}), ("digest", set())],
+)
+def test_item_keys_appear_in_outputs_only_as_the_policy_allows(fake, governance_policy, tmp_path, mode,
+                                                                 shown_raw):  # fmt: skip
+    from governed_ai.core.client import item_digest
+    from governed_ai.core.subject import Subject
+
+    policy = POLICY.replace("BUDGET", "1000000") + f"defaults: {{output_item_keys: {mode}}}\n"
+    governance_policy(policy)
+    # The first item of each task fails, so the failures (inline and file) have a key too.
+    failing, passing = ScriptedReply(status=400, content="bad"), ScriptedReply(content="positive")
+    fake.script(failing, passing, passing, failing)
+    rows = [{"id": key, "text": f"ticket {n}"} for n, key in enumerate([EMAIL_KEY, "T1", SECRET_KEY])]
+    inline = batch(task_id="inline", items=rows, concurrency=1, max_failure_rate=0.5).execute(
+        task_context(task_id="inline")
+    )
+    target = tmp_path / "out.jsonl"
+    filed = batch(
+        task_id="filed", items=rows, output_path=str(target), concurrency=1, max_failure_rate=0.5
+    ).execute(task_context(task_id="filed"))
+    governor = GovernanceHook().governor
+    for task_id, results, failures in (
+        ("inline", inline["results"], inline["failures"]),
+        ("filed", read_jsonl(filed["results_path"]), read_jsonl(filed["failures_path"])),
+    ):
+        subject = Subject(dag_id="batch_dag", task_id=task_id, run_id="manual__batch")
+        expected = [
+            key if key in shown_raw else "digest:" + item_digest(governor, subject, key)
+            for key in (EMAIL_KEY, "T1", SECRET_KEY)
+        ]
+        assert [r["key"] for r in results] == expected
+        assert [r["position"] for r in results] == [0, 1, 2]
+        assert [f["key"] for f in failures] == expected[:1]
+        # The digest is the one the audit trail holds for that item.
+        items = {r.extra.get("item") for r in audit("model.call") if r.task_id == task_id}
+        assert {k.removeprefix("digest:") for k in expected if k.startswith("digest:")} <= items
+    assert SECRET_KEY not in json.dumps([inline, read_jsonl(filed["results_path"])])  # never, in any mode
+
+
 # -- clear errors ------------------------------------------------------------------------------------------
 
 
 def test_duplicate_keys_are_a_clear_error_before_any_call(fake):
     rows = [*tickets(3), {"id": "T1", "text": "again"}]
-    with pytest.raises(
-        AirflowFailException, match=r"classify: .*items 1 and 3 have the same 'id' value 'T1'"
-    ):
+    with pytest.raises(AirflowFailException, match=r"classify: .*items 1 and 3 have the same 'id' value"):
         batch(items=rows).execute(task_context())
     assert fake.chat_requests == []
 

@@ -77,7 +77,9 @@ def test_ingest_files_and_documents_then_rerun_changes_nothing(chroma_env, kb_di
         3,
     )
     log = capsys.readouterr().out  # Airflow's task logger writes to stdout here
-    assert "3/3 documents processed, 3 chunks written in 3 batch(es)" in log and "Skipping logo.png" in log
+    assert (
+        "3/3 documents processed, 3 chunks written in 3 batch(es)" in log and "by suffix: {'.png': 1}" in log
+    )
     again = ingest(paths=[str(kb_dir)], documents=docs, metadata={"kb": "support"})
     assert (again["new_chunks"], again["collection_count"]) == (0, 3)
     assert [r.extra["chunks"] for r in audit_records("collection.ingest")] == [3, 3]

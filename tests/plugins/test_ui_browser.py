@@ -111,7 +111,7 @@ def ui(airflow_db: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[R
     from airflow.configuration import conf
     from airflow.dag_processing.dagbag import DagBag
 
-    from governed_ai.local_model import CONNECTION_ENV
+    from governed_ai.local_model import CONNECTION_ENV, ECONOMY_PRICE, NOMINAL_PRICE
     from tests.fakes.openai_server import FakeOpenAIServer, ScriptedReply
 
     home = tmp_path_factory.mktemp("ui-airflow-home")
@@ -120,7 +120,9 @@ def ui(airflow_db: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[R
     base_url = f"http://127.0.0.1:{port}"
 
     with pytest.MonkeyPatch.context() as patch, FakeOpenAIServer(models=("smollm2",)) as model:
-        patch.setenv(CONNECTION_ENV, model.connection_json(default_model="smollm2"))
+        # Priced like the local model: the team budget limits cost, and an unpriced model is refused.
+        prices = {"smollm2": NOMINAL_PRICE, "smollm2-economy": ECONOMY_PRICE}
+        patch.setenv(CONNECTION_ENV, model.connection_json(default_model="smollm2", prices=prices))
         patch.setenv("AIRFLOW__GOVERNED_AI__STORE_URL", store_url)
         patch.setenv("AIRFLOW__API__BASE_URL", f"{base_url}/")
         # Usage like the real model's, so that the per-run budget (300 tokens) stops over_budget (256 more).

@@ -35,6 +35,7 @@ import pytest
 import yaml
 from sqlalchemy import Engine
 
+from governed_ai.local_model import NOMINAL_PRICE
 from tests.fakes.fault_server import FaultConfig, FaultServerProcess
 from tests.production.celery_cluster import REPO, Cluster, clean_environment, wait_until
 
@@ -135,7 +136,11 @@ def cluster_session(pytestconfig: pytest.Config) -> Iterator[Session]:
                 # 5% of requests fail: with 2 retries, three failures in a row hit one of ~2,400 requests
                 # about once in four runs; 4 retries make it about one in 1,300 runs.
                 "AIRFLOW_CONN_GOVERNED_AI_LLM_DEFAULT": server.connection_json(
-                    default_model="smollm2", timeout=10, max_retries=4
+                    # Priced like the local model: the support budgets limit cost (unpriced is refused).
+                    default_model="smollm2",
+                    timeout=10,
+                    max_retries=4,
+                    prices={"smollm2": NOMINAL_PRICE},
                 ),
                 # Only the runs the test triggers: unpausing a @daily example must not add a scheduled run.
                 "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
@@ -494,10 +499,6 @@ def test_two_dags_on_two_workers_racing_for_one_budget_never_overspend_and_use_i
         from governed_ai.core.audit import AuditStore
 
         status = ledger_status(engine, "mw-race")
-        summaries = {
-            w: AuditStore(engine).query(dag_id=f"mw_budget_{w}", action="batch.summary", limit=1)[0].extra
-            for w in "ab"
-        }
         calls = {
             w: [
                 r.time
@@ -507,7 +508,6 @@ def test_two_dags_on_two_workers_racing_for_one_budget_never_overspend_and_use_i
         }
     finally:
         engine.dispose()
-    assert {w: summary["processes"] for w, summary in summaries.items()} == {"a": 1, "b": 2}
     # They really raced: each DAG's calls overlap the other's in time.
     assert min(calls["a"]) < max(calls["b"]) and min(calls["b"]) < max(calls["a"]), calls
     per_dag = {w: served(stats, f"b{w}-") for w in "ab"}

@@ -145,6 +145,18 @@ def test_purge_by_source_and_age_is_audited(retrieval, store, audit, collection_
     assert purges[0].extra["sources"] == ["account.md"]
 
 
+def test_a_source_named_after_a_customer_is_purged_by_its_real_name_and_audited_redacted(
+    retrieval, store, audit, collection_name
+):
+    named = SourceDocument("Notes on the customer's refund.", f"tickets/{EMAIL}.md")
+    retrieval.ingest(WRITER, collection_name, [*DOCS, named])
+    assert retrieval.purge(WRITER, collection_name, PurgeRequest(sources=[f"tickets/{EMAIL}.md"])) == 1
+    assert store.count(collection_name) == 3
+    (purge,) = oldest_first(audit, "collection.purge")
+    # The whole name reads as an e-mail address ("/" may appear in one): it is stored and audited redacted.
+    assert EMAIL not in json.dumps(purge.extra) and purge.extra["sources"] == ["[REDACTED:EMAIL]"]
+
+
 def test_purge_needs_write_permission(retrieval, store, collection_name):
     retrieval.ingest(WRITER, collection_name, DOCS)
     with pytest.raises(GovernanceDenied):

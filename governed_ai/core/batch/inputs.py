@@ -43,9 +43,15 @@ def make_items(rows: Iterable[Any], key_field: str | None = None) -> list[BatchI
     for position, data in enumerate(rows):
         if key_field is not None:
             if not isinstance(data, Mapping) or data.get(key_field) in (None, ""):
+                # The item itself stays out of the message: it is data, and the task log is not redacted.
+                fields = sorted(str(k) for k in data)[:20] if isinstance(data, Mapping) else None
                 raise BatchInputError(
-                    f"item {position} has no {key_field!r} field (key_field); every item needs one: "
-                    f"{data!r:.200}"
+                    f"item {position} has no {key_field!r} field (key_field); every item needs one "
+                    + (
+                        f"(its fields: {fields})"
+                        if fields is not None
+                        else f"(it is a {type(data).__name__})"
+                    )
                 )
             key = str(data[key_field])
         else:
@@ -54,7 +60,7 @@ def make_items(rows: Iterable[Any], key_field: str | None = None) -> list[BatchI
             except (TypeError, ValueError) as error:
                 raise BatchInputError(f"item {position} is not JSON-serialisable: {error}") from None
         if key in seen:
-            how = f"{key_field!r} value {key!r}" if key_field else "content"
+            how = f"{key_field!r} value" if key_field else "content"
             raise BatchInputError(
                 f"items {seen[key]} and {position} have the same {how}; keys must be unique so each item "
                 "is journaled once (set key_field to a unique id, or remove the duplicate)"

@@ -23,6 +23,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from governed_ai.core.batch.inputs import BatchItem
+from governed_ai.core.batch.output_keys import ItemKeyPresenter
 from governed_ai.core.batch.prompt import BatchPrompt, PromptRenderError
 from governed_ai.core.batch.spool import OutcomeSpool, SpoolIndex, merged
 from governed_ai.core.chat import ChatRequest
@@ -203,6 +204,8 @@ class BatchRunner:
             work.put_nowait(item)
         count = len(items)
         spool = OutcomeSpool(total if total is not None else count, self.spool_directory)
+        # What the outputs may show of each key (the policy's output_item_keys), decided as rows are written.
+        self._show_key = ItemKeyPresenter(self.client.governor, self.client.subject, self.client.item_digest)
 
         def progress() -> BatchProgress:
             c = self._counters
@@ -231,7 +234,9 @@ class BatchRunner:
                 except asyncio.QueueEmpty:
                     return
                 outcome = await self._one(item)
-                spool.add(outcome.position, outcome.status, outcome.to_json())
+                spool.add(
+                    outcome.position, outcome.status, {**outcome.to_json(), "key": self._show_key(item.key)}
+                )
 
         reporter = asyncio.create_task(report_periodically())
         try:
@@ -304,7 +309,8 @@ class BatchRunner:
         self._counters.failed += 1
         outcome = ItemOutcome(item.key, item.position, "failed", error=reason)
         if len(self._failure_examples) < _FAILURE_EXAMPLES:
-            self._failure_examples.append(outcome)
+            shown = ItemOutcome(self._show_key(item.key), item.position, "failed", error=reason)
+            self._failure_examples.append(shown)
         return outcome
 
     def _not_run(self, item: BatchItem, reason: str) -> ItemOutcome:

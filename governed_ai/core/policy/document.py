@@ -9,6 +9,8 @@ Format (YAML; every key not listed here is an error)::
       store_content: false              # may (redacted) prompt/response text be kept in the audit trail
       redact_prompts: true              # redact prompts before they leave for the model
       redact_outputs: true              # redact model outputs before they reach logs, XCom or audit
+      output_item_keys: redacted        # batch item keys in the task's own outputs (results/failures
+                                        #   files, XCom, log lines): allow_pii | redacted | digest
     rules:
       - name: support-triage            # required, unique; reported in every decision it grants
         description: "..."              # optional, for humans
@@ -44,6 +46,7 @@ Format (YAML; every key not listed here is an error)::
           prompts: true
           outputs: true
           custom_patterns: [{name: ticket_secret, regex: "TKT-[0-9a-f]{16}"}]
+          output_item_keys: digest      # allow_pii | redacted | digest; a rule can only make it stricter
     budgets:
       - name: support-daily             # required, unique; the ledger key is (name, period key)
         scope: dag                      # dag | team | global
@@ -51,6 +54,8 @@ Format (YAML; every key not listed here is an error)::
         period: day                     # run | day | month  (day and month are UTC calendar periods)
         max_tokens: 200000              # at least one of max_tokens / max_cost_usd
         max_cost_usd: 2.5
+        allow_unpriced_models: ["smollm2*"]   # optional, only with max_cost_usd: these models may run
+                                        #   without a price under this budget, counted in tokens only
 
 Semantics worth knowing when writing a policy:
 
@@ -67,6 +72,20 @@ Semantics worth knowing when writing a policy:
   task whose bundle is unknown.
 * A budget with a glob match is one shared pool for every task it matches (the ledger key does not contain
   the dag id).
+* Prices come from the LLM connection's ``prices`` extra (the deployment's). A model with no price there
+  costs nothing as far as a ``max_cost_usd`` limit could tell, so a request for it under a budget with a
+  cost limit is **denied** (an audited ``budget.unpriced`` record naming the model, the budget and what to
+  add), unless that budget lists the model in ``allow_unpriced_models`` (``["*"]``: every model): then its
+  calls count against ``max_tokens`` only and add $0 to the cost. A model that is really free gets an
+  explicit zero price in the connection instead.
+* ``output_item_keys`` decides how a batch item's key appears in the task's own outputs (results and
+  failures files, XCom, log lines); the audit trail and the journal only ever hold keyed digests of it.
+  ``redacted`` (default): a key in which the redactor finds a secret, personal data or a custom pattern is
+  replaced by ``digest:<16 hex>``, the digest the audit trail records for that item; other keys stay as
+  they are, so results still join with their inputs. ``allow_pii``: personal data (e-mail, phone, card,
+  IBAN, IP address) may appear in keys as given; a key holding a secret or a custom pattern is still
+  replaced: secrets never appear. ``digest``: every key is replaced. Rows also carry the item's
+  ``position`` in the input.
 """
 
 from __future__ import annotations
@@ -158,6 +177,11 @@ class _PolicyModel(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+OutputItemKeys = Literal["allow_pii", "redacted", "digest"]
+"""How batch item keys appear in a task's own outputs, from the laxest to the strictest."""
+OUTPUT_ITEM_KEYS_ORDER: tuple[OutputItemKeys, ...] = ("allow_pii", "redacted", "digest")
+
+
 class Defaults(_PolicyModel):
     """Policy-wide settings; rules can only tighten the redaction ones."""
 
@@ -166,6 +190,7 @@ class Defaults(_PolicyModel):
     store_content: bool = False
     redact_prompts: bool = True
     redact_outputs: bool = True
+    output_item_keys: OutputItemKeys = "redacted"
 
 
 class SubjectMatch(_PolicyModel):
@@ -291,6 +316,8 @@ class RedactionRule(_PolicyModel):
     prompts: bool = False
     outputs: bool = False
     custom_patterns: list[CustomPattern] = Field(default_factory=list)
+    # None: the defaults' setting; a value stricter than it tightens it, a laxer one changes nothing.
+    output_item_keys: OutputItemKeys | None = None
 
 
 class Rule(_PolicyModel):
@@ -315,12 +342,20 @@ class Budget(_PolicyModel):
     period: Literal["run", "day", "month"]
     max_tokens: int | None = Field(default=None, gt=0)
     max_cost_usd: float | None = Field(default=None, gt=0)
+    # Models (globs) that may run without a price under this budget's cost limit, counted in tokens only.
+    allow_unpriced_models: GlobList | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Budget:
         if self.max_tokens is None and self.max_cost_usd is None:
             raise LocatedValueError(
                 f"budget {self.name!r} has no limit; expected max_tokens and/or max_cost_usd", ()
+            )
+        if self.allow_unpriced_models is not None and self.max_cost_usd is None:
+            raise LocatedValueError(
+                f"budget {self.name!r} has allow_unpriced_models but no max_cost_usd; it only says which "
+                "models a cost limit lets run without a price, so remove it or add max_cost_usd",
+                ("allow_unpriced_models",),
             )
         keys = self.match.given_keys() if self.match is not None else frozenset()
         if self.scope == "global" and keys:

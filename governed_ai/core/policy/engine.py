@@ -16,11 +16,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from governed_ai.core.policy.document import (
+    OUTPUT_ITEM_KEYS_ORDER,
     ArgumentConstraint,
     Budget,
     CustomPattern,
     Defaults,
     ModelRoute,
+    OutputItemKeys,
     PolicyDocument,
     Rule,
     SubjectMatch,
@@ -42,10 +44,16 @@ class RedactionSettings:
     outputs: bool = True
     store_content: bool = False
     custom_patterns: tuple[CustomPattern, ...] = ()
+    #: How batch item keys appear in the task's own outputs (see the policy document's ``output_item_keys``).
+    output_item_keys: OutputItemKeys = "redacted"
 
 
 # What a task gets when nothing is known about it (e.g. the policy failed to load): the strictest settings.
-STRICTEST_REDACTION = RedactionSettings()
+STRICTEST_REDACTION = RedactionSettings(output_item_keys="digest")
+
+
+def _strictest_item_keys(*settings: OutputItemKeys | None) -> OutputItemKeys:
+    return max((s for s in settings if s is not None), key=OUTPUT_ITEM_KEYS_ORDER.index)
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,6 +297,9 @@ class PolicyEngine:
         self.load_error = load_error
         self._rules = tuple(_CompiledRule.compile(rule) for rule in document.rules)
         self._budget_matchers = tuple((b, _SubjectMatcher(b.match)) for b in document.budgets)
+        self._unpriced_allowed = {
+            b.name: _GlobSet(b.allow_unpriced_models) for b in document.budgets if b.allow_unpriced_models
+        }
         self._subjects: dict[tuple[str, str, str, frozenset[str], str | None], _SubjectView] = {}
 
     @classmethod
@@ -329,6 +340,9 @@ class PolicyEngine:
             outputs=defaults.redact_outputs or any(r.rule.redaction.outputs for r in rules),
             store_content=defaults.store_content,
             custom_patterns=tuple(patterns.values()),
+            output_item_keys=_strictest_item_keys(
+                defaults.output_item_keys, *(r.rule.redaction.output_item_keys for r in rules)
+            ),
         )
         budgets = tuple(b for b, matcher in self._budget_matchers if matcher.matches(subject))
         return _SubjectView(rules=rules, redaction=redaction, budgets=budgets)
@@ -560,3 +574,16 @@ class PolicyEngine:
                 )
             )
         return result
+
+    def budgets_requiring_price(self, subject: Subject, model: str) -> list[str]:
+        """Names of the budgets that apply to ``subject``, limit cost (``max_cost_usd``) and do not list
+        ``model`` in ``allow_unpriced_models``: an unpriced ``model`` must not be charged against them,
+        because its $0 would never reach their limit."""
+        names = []
+        for budget in self._view(subject).budgets:
+            if budget.max_cost_usd is None:
+                continue
+            allowed = self._unpriced_allowed.get(budget.name)
+            if allowed is None or not allowed.matches(model):
+                names.append(budget.name)
+        return names

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -302,8 +302,15 @@ class GovernedRetrieval:
         return results
 
     def purge(self, subject: Subject, collection: str, request: PurgeRequest) -> int:
-        """Delete contaminated or expired chunks; the purge and its criteria are audited."""
+        """Delete contaminated or expired chunks; the purge and its criteria are audited.
+
+        Source names are redacted as ingest stored them, so a purge by a file's real name (one named after
+        a customer's e-mail address) finds its chunks, and the audit trail gets the redacted name only.
+        """
         decision = self._authorize(subject, collection, "write")
+        if request.sources:
+            sources, _ = self.governor.redact_obj(list(request.sources), decision.redaction)
+            request = replace(request, sources=sources)
         where = request.where()
         deleted = 0
         if request.ids:

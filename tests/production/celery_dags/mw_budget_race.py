@@ -1,6 +1,5 @@
 """Test DAGs for the multi-worker test: two DAGs, each pinned to one Celery worker's queue, racing for one
-shared daily budget (``mw-race`` in the test's policy). Each alone would overspend it. Worker b's batch
-runs in two processes (``processes=2``), forked from a real Celery task process: three processes race."""
+shared daily budget (``mw-race`` in the test's policy). Each alone would overspend it."""
 
 from __future__ import annotations
 
@@ -33,7 +32,6 @@ def racer(worker: str) -> None:
             model="smollm2",
             max_tokens=64,  # as catalog_enrichment: replies are usually much shorter than the cap
             concurrency=CONCURRENCY,
-            processes=2 if worker == "b" else 1,
             requests_per_minute=REQUESTS_PER_MINUTE,
             max_failure_rate=1.0,  # what the budget leaves undone is expected, not a failure
             progress_interval_seconds=5,

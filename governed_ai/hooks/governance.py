@@ -55,6 +55,7 @@ DEV_KEY_FILE = "audit.key"
 # are shared by every task a worker runs, instead of being rebuilt for each call.
 _GOVERNORS: dict[tuple[str, ...], Governor] = {}
 _GOVERNORS_LOCK = threading.Lock()
+_POLICY_SOURCES: dict[tuple[str, ...], EngineSource] = {}
 
 
 class GovernanceSettings(BaseModel):
@@ -217,17 +218,7 @@ class GovernanceHook(BaseHook):
         )
         with _GOVERNORS_LOCK:
             if key not in _GOVERNORS:
-                policy: EngineSource
-                if s.policy_path:
-                    policy = PolicyProvider(
-                        s.policy_path, check_interval_seconds=s.policy_check_interval_seconds
-                    )
-                elif s.policy_yaml:
-                    policy = PolicyProvider(
-                        text=s.policy_yaml, source=f"connection {self.governance_conn_id}"
-                    )
-                else:
-                    policy = FixedPolicy(PolicyEngine.deny_all(NO_POLICY, source="<no policy configured>"))
+                policy = self._policy_source()
                 engine = create_store_engine(store_url)
                 _GOVERNORS[key] = Governor(
                     policy=policy,
@@ -248,6 +239,25 @@ class GovernanceHook(BaseHook):
                     # used as an item key can be looked up by guessing.
                     _GOVERNORS[key].digest = audit_key.hasher(JOURNAL_DIGEST_PURPOSE).digest_text
             return _GOVERNORS[key]
+
+    def _policy_source(self) -> EngineSource:
+        s = self.settings
+        if s.policy_path:
+            return PolicyProvider(s.policy_path, check_interval_seconds=s.policy_check_interval_seconds)
+        if s.policy_yaml:
+            return PolicyProvider(text=s.policy_yaml, source=f"connection {self.governance_conn_id}")
+        return FixedPolicy(PolicyEngine.deny_all(NO_POLICY, source="<no policy configured>"))
+
+    def policy_engine(self) -> PolicyEngine:
+        """The policy as it is now, without opening the governance store (parse-time checks). The source
+        is kept per process, so its hot-reload check, not a fresh load, runs for each task parsed."""
+        s = self.settings
+        key = (s.policy_path or "", s.policy_yaml or "", self.governance_conn_id)
+        with _GOVERNORS_LOCK:
+            source = _POLICY_SOURCES.get(key)
+            if source is None:
+                source = _POLICY_SOURCES[key] = self._policy_source()
+        return source.engine()
 
     def get_conn(self) -> Governor:
         return self.governor

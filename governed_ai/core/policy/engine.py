@@ -409,10 +409,14 @@ class PolicyEngine:
         self._remember(view, key, decision)
         return decision
 
-    def authorize_tool(self, subject: Subject, tool_name: str, arguments: Mapping[str, object]) -> Decision:
+    def authorize_tool(
+        self, subject: Subject, tool_name: str, arguments: Mapping[str, object] | None
+    ) -> Decision:
         """May ``subject`` call tool ``tool_name`` with these ``arguments``?
 
         A grant applies only if every argument constraint holds; a value of the wrong type is a denial.
+        ``arguments=None`` asks whether the name is granted at all (parse-time checks, before arguments are
+        rendered); a call is always decided with its arguments.
         """
         view = self._view(subject)
         violations: list[str] = []
@@ -420,7 +424,7 @@ class PolicyEngine:
             for grant in compiled.tools:
                 if not grant.name.matches(tool_name):
                     continue
-                problems = self._argument_problems(grant, arguments)
+                problems = [] if arguments is None else self._argument_problems(grant, arguments)
                 if not problems:
                     return Decision(
                         True,
@@ -446,6 +450,15 @@ class PolicyEngine:
         return self._denied(
             view, "tool", tool_name, f"denied tool {tool_name!r} for {_describe(subject)}: {detail}"
         )
+
+    def bundle_patterns(self) -> list[str]:
+        """Every ``bundle`` glob the policy's rules match on, in file order."""
+        patterns: list[str] = []
+        for rule in self.document.rules:
+            for pattern in rule.match.bundle if rule.match and rule.match.bundle else []:
+                if pattern not in patterns:
+                    patterns.append(pattern)
+        return patterns
 
     @staticmethod
     def _argument_problems(grant: _CompiledToolGrant, arguments: Mapping[str, object]) -> list[str]:

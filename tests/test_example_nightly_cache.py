@@ -28,7 +28,7 @@ def nightly_dag(airflow_db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     from airflow.dag_processing.dagbag import DagBag
 
     monkeypatch.setenv("AIRFLOW__GOVERNED_AI__STORE_URL", f"sqlite:///{tmp_path / 'governance.db'}")
-    dagbag = DagBag(dag_folder=str(REPO / "example_dags" / "nightly_ticket_labels.py"), include_examples=False)
+    dagbag = DagBag(dag_folder=str(REPO / "example_dags" / "nightly_ticket_labels.py"))
     assert dagbag.import_errors == {}
     return dagbag.dags[DAG_ID]
 

@@ -489,6 +489,7 @@ class GovernedClient:
                     driver.feed(cached, 0.0, verdict=hit.result.get("verdict"))
                     reply = None  # stored redacted; redacted again below under the policy of now
                     cache_state = cache_state or "hit"
+                    self.cache_hits += 1
                     await self._record(
                         self._cache_hit_record(resource, model, decision, prompt_version, item_key, hit,
                                                stored_key, "model.cache_hit")
@@ -593,7 +594,9 @@ class GovernedClient:
         checked = list(check_reply(completion)) if check_reply is not None else []
         cached: list[CacheWrite] = []
         if to_store is not None and (verdict is None or verdict.get("parsed") is not None):  # valid only
-            stored = kept if decision.redaction.outputs else self._kept_reply(completion, verdict, _redacting(decision))
+            # What the cache keeps is always redacted, even where the policy lets this task see raw outputs.
+            stored = kept if decision.redaction.outputs else self._kept_reply(completion, verdict,
+                                                                              _redacting(decision))  # fmt: skip
             cached.append(CacheWrite(to_store[0], "chat", resource, prompt_version, to_store[1].rule,
                                      {"completion": stored.completion, "verdict": stored.verdict}))  # fmt: skip
         await self.writer.write(
@@ -681,6 +684,7 @@ class GovernedClient:
             hit = await self._cache_lookup(stored_key, cache)
             if hit is not None:
                 vectors = Embeddings.from_json(hit.result)
+                self.cache_hits += 1
                 await self._record(
                     self._cache_hit_record(resource, model, decision, None, item_key, hit, stored_key,
                                            "embedding.cache_hit", inputs=len(inputs))
@@ -999,7 +1003,6 @@ class GovernedClient:
     ) -> AuditRecord:
         """A request answered by the response cache: allowed, nothing sent, 0 tokens, $0; which entry (a
         prefix of its keyed digest), when it was stored and by which rule's ``cache``."""
-        self.cache_hits += 1
         extra.update(cache_key=stored_key[:16], cached_at=hit.created_at.isoformat(), cache_rule=hit.rule)
         return self._replay_record(
             resource, model, decision, prompt_version, item_key, action=action, outcome="cache_hit",

@@ -245,15 +245,14 @@ def _cache_command(args: argparse.Namespace, cache: ResponseCache) -> int:
         if not groups:
             print("the response cache is empty")
         for g in groups:
-            print(
-                f"{g.scope} prompt_version={g.prompt_version or '-'}: {g.entries} entr"
-                f"{'y' if g.entries == 1 else 'ies'}, stored {g.oldest:%Y-%m-%dT%H:%MZ} .. {g.newest:%Y-%m-%dT%H:%MZ}"
-            )
+            entries = f"{g.entries} entr{'y' if g.entries == 1 else 'ies'}"
+            stored = f"stored {g.oldest:%Y-%m-%dT%H:%MZ} .. {g.newest:%Y-%m-%dT%H:%MZ}"
+            print(f"{g.scope} prompt_version={g.prompt_version or '-'}: {entries}, {stored}")
         return 0
     if not (args.older_than or args.prompt_version or args.all):
         print(
-            "governed-ai cache purge: say what to delete: --older-than AGE, --prompt-version V (both: entries "
-            "matching both), or --all",
+            "governed-ai cache purge: say what to delete: --older-than AGE, --prompt-version V "
+            "(both: entries matching both), or --all",
             file=sys.stderr,
         )
         return 2

@@ -105,9 +105,7 @@ def test_the_second_night_pays_nothing_on_the_servers_counter(nightly_dag, monke
 
 @pytest.mark.airflow
 @pytest.mark.real_model
-def test_the_second_night_on_the_real_model_is_answered_from_the_cache(
-    nightly_dag, local_model_connection
-):
+def test_the_second_night_on_the_real_model_is_answered_from_the_cache(nightly_dag, local_model_connection):
     first = nightly_dag.test(logical_date=FIRST_NIGHT)
     second = nightly_dag.test(logical_date=SECOND_NIGHT)
     labels_1, night_1 = outputs(first)
@@ -120,7 +118,9 @@ def test_the_second_night_on_the_real_model_is_answered_from_the_cache(
     if answered == len(tickets()):
         assert labels_2["cost_usd"] == 0 and labels_2["governance"]["cache"] == "hit"
     first_outputs = {r["key"]: r["output"] for r in labels_1["results"] if r["status"] == "ok"}
-    cached = {r["key"]: r["output"] for r in labels_2["results"] if r.get("governance", {}).get("cache") == "hit"}
+    cached = {
+        r["key"]: r["output"] for r in labels_2["results"] if r.get("governance", {}).get("cache") == "hit"
+    }
     assert json.dumps(cached, sort_keys=True) == json.dumps(first_outputs, sort_keys=True)
     actions_2 = audit_actions(second.run_id)
     assert actions_2.count("model.cache_hit") == answered

@@ -479,8 +479,9 @@ class GovernedClient:
             cache = self._cache_for(model, structured=request.output_schema is not None)
             to_store: tuple[str, CacheSettings] | None = None
             if cache is not None:
-                stored_key = cache_key(self.governor.digest, "chat", self.connection_id, model, prompt_version,
-                                       body)  # fmt: skip
+                stored_key = cache_key(
+                    self.governor.digest, "chat", self.connection_id, model, prompt_version, body
+                )
                 hit = await self._cache_lookup(stored_key, cache)
                 if hit is not None:
                     cached = Completion.from_json(hit.result["completion"])
@@ -595,10 +596,11 @@ class GovernedClient:
         cached: list[CacheWrite] = []
         if to_store is not None and (verdict is None or verdict.get("parsed") is not None):  # valid only
             # What the cache keeps is always redacted, even where the policy lets this task see raw outputs.
-            stored = kept if decision.redaction.outputs else self._kept_reply(completion, verdict,
-                                                                              _redacting(decision))  # fmt: skip
-            cached.append(CacheWrite(to_store[0], "chat", resource, prompt_version, to_store[1].rule,
-                                     {"completion": stored.completion, "verdict": stored.verdict}))  # fmt: skip
+            stored = kept
+            if not decision.redaction.outputs:
+                stored = self._kept_reply(completion, verdict, _redacting(decision))
+            value = {"completion": stored.completion, "verdict": stored.verdict}
+            cached.append(CacheWrite(to_store[0], "chat", resource, prompt_version, to_store[1].rule, value))
         await self.writer.write(
             cached=cached,
             records=[record, *checked],
@@ -1024,7 +1026,9 @@ class GovernedClient:
             self._response_cache = await asyncio.to_thread(
                 ResponseCache, self.governor.audit.engine, clock=self.governor.clock
             )
-        return await asyncio.to_thread(self._response_cache.lookup, stored_key, ttl_seconds=settings.ttl_seconds)
+        return await asyncio.to_thread(
+            self._response_cache.lookup, stored_key, ttl_seconds=settings.ttl_seconds
+        )
 
     def _error_text(self, error: BaseException, decision: Decision) -> str:
         text, _ = self.governor.redact_text(

@@ -156,7 +156,9 @@ class ResponseCache:
         if prompt_version is not None:
             conditions.append(table.c.prompt_version == prompt_version)
         with write_transaction(self.engine) as connection:
-            result = connection.execute(delete(table).where(and_(*conditions)) if conditions else delete(table))
+            result = connection.execute(
+                delete(table).where(and_(*conditions)) if conditions else delete(table)
+            )
         return int(result.rowcount or 0)
 
     def status(self) -> list[CacheGroup]:
@@ -174,7 +176,9 @@ class ResponseCache:
                 .group_by(table.c.scope, table.c.prompt_version)
                 .order_by(table.c.scope, table.c.prompt_version)
             ).all()
-        return [CacheGroup(scope, version, int(n), oldest, newest) for scope, version, n, oldest, newest in rows]
+        return [
+            CacheGroup(scope, version, int(n), oldest, newest) for scope, version, n, oldest, newest in rows
+        ]
 
 
 def parse_age(text: str) -> timedelta:

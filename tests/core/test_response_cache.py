@@ -41,8 +41,10 @@ def cache_policy(
     *, outputs: str = "structured", ttl: int = 3600, redact_outputs: bool = True, budget: str = "",
     cache: str | None = None,
 ) -> str:  # fmt: skip
-    block = cache if cache is not None else (
-        f'    cache: {{models: ["primary", "embed*"], ttl_seconds: {ttl}, outputs: {outputs}}}\n'
+    block = (
+        cache
+        if cache is not None
+        else (f'    cache: {{models: ["primary", "embed*"], ttl_seconds: {ttl}, outputs: {outputs}}}\n')
     )
     return (
         "version: 1\n"
@@ -159,7 +161,9 @@ def test_a_cache_hit_is_a_metric(make):
     ask(setup, RUN_1)
     ask(setup, RUN_2)
     sink = RecordingSink()
-    MetricsObserver(sink)([AuditRecord.model_validate(r.model_dump()) for r in setup.records("model.cache_hit")])
+    MetricsObserver(sink)(
+        [AuditRecord.model_validate(r.model_dump()) for r in setup.records("model.cache_hit")]
+    )
     assert sink.counts == [("governed_ai.cache.hits", 1, "primary", "chat")]
 
 
@@ -353,7 +357,7 @@ def test_a_bad_age_says_what_was_expected(text):
     [
         ('{models: ["m"], ttl_seconds: 0}', "greater than 0"),
         ('{models: ["m"], ttl_seconds: "60"}', "integer"),
-        ('{models: [], ttl_seconds: 60}', "empty list"),
+        ("{models: [], ttl_seconds: 60}", "empty list"),
         ('{models: ["m"], ttl_seconds: 60, outputs: some}', "structured"),
         ('{models: ["m"], ttl_seconds: 60, per_task: true}', "per_task"),
         ("{ttl_seconds: 60}", "models"),
@@ -376,7 +380,11 @@ def test_the_engine_answers_cache_settings_from_the_first_rule_that_caches_a_mod
     )
     subject = RUN_1
     settings = engine.cache_for(subject, "llm", "small-1")
-    assert settings is not None and (settings.rule, settings.ttl_seconds, settings.outputs) == ("grants", 60, "all")
+    assert settings is not None and (settings.rule, settings.ttl_seconds, settings.outputs) == (
+        "grants",
+        60,
+        "all",
+    )
     assert engine.cache_for(subject, "other-connection", "small-1") is None
     assert engine.cache_for(subject, "llm", "large") is None
     assert engine_from_text("version: 1\nrules: []\n").cache_for(subject, "llm", "small-1") is None

@@ -388,3 +388,31 @@ def test_the_engine_answers_cache_settings_from_the_first_rule_that_caches_a_mod
     assert engine.cache_for(subject, "other-connection", "small-1") is None
     assert engine.cache_for(subject, "llm", "large") is None
     assert engine_from_text("version: 1\nrules: []\n").cache_for(subject, "llm", "small-1") is None
+
+
+# -- the table on both backends ------------------------------------------------------------------------------
+
+
+def test_the_cache_table_stores_replaces_expires_and_purges_on_each_backend(store_engine):
+    """Writes as the store writer makes them (an upsert in its transaction), read back by lookups."""
+    from governed_ai.core.response_cache import CacheWrite, apply_cache_writes
+    from governed_ai.core.sqlstore import write_transaction
+
+    cache = ResponseCache(store_engine)
+    now = utc_now()
+
+    def store(key: str, result: dict[str, Any], version: str, when: Any) -> None:
+        with write_transaction(store_engine) as connection:
+            apply_cache_writes(connection, [CacheWrite(key, "chat", "llm/m", version, "r", result)], now=when)
+
+    store("k" * 64, {"answer": 1}, "p@1", now - timedelta(hours=3))
+    assert cache.lookup("k" * 64, ttl_seconds=3600) is None  # stored 3 h ago, TTL 1 h
+    assert cache.lookup("k" * 64, ttl_seconds=4 * 3600).result == {"answer": 1}  # type: ignore[union-attr]
+    store("k" * 64, {"answer": 2}, "p@1", now)  # the same request answered again: replaced, TTL restarts
+    hit = cache.lookup("k" * 64, ttl_seconds=3600)
+    assert hit is not None and hit.result == {"answer": 2} and hit.rule == "r"
+    store("j" * 64, {"answer": 3}, "p@2", now - timedelta(days=9))
+    assert [(g.prompt_version, g.entries) for g in cache.status()] == [("p@1", 1), ("p@2", 1)]
+    assert cache.purge(older_than=timedelta(days=7), prompt_version="p@1") == 0  # both must match
+    assert cache.purge(older_than=timedelta(days=7)) == 1
+    assert cache.purge() == 1 and cache.status() == []

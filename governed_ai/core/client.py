@@ -479,9 +479,7 @@ class GovernedClient:
             cache = self._cache_for(model, structured=request.output_schema is not None)
             to_store: tuple[str, CacheSettings] | None = None
             if cache is not None:
-                stored_key = cache_key(
-                    self.governor.digest, "chat", self.connection_id, model, prompt_version, body
-                )
+                stored_key = self._cache_key(cache, "chat", model, prompt_version, body)
                 hit = await self._cache_lookup(stored_key, cache)
                 if hit is not None:
                     cached = Completion.from_json(hit.result["completion"])
@@ -682,7 +680,7 @@ class GovernedClient:
         cache = self._cache_for(model, structured=None)
         cached: list[CacheWrite] = []
         if cache is not None:
-            stored_key = cache_key(self.governor.digest, "embed", self.connection_id, model, None, body)
+            stored_key = self._cache_key(cache, "embed", model, None, body)
             hit = await self._cache_lookup(stored_key, cache)
             if hit is not None:
                 vectors = Embeddings.from_json(hit.result)
@@ -1020,6 +1018,13 @@ class GovernedClient:
         if settings is None or (structured is False and settings.outputs == "structured"):
             return None
         return settings
+
+    def _cache_key(
+        self, cache: CacheSettings, scope: str, model: str, prompt_version: str | None, body: dict[str, Any]
+    ) -> str:
+        """The response-cache key of ``body`` (see :func:`~governed_ai.core.response_cache.cache_key`)."""
+        connection = self.connection_id
+        return cache_key(self.governor.digest, cache.rule, scope, connection, model, prompt_version, body)
 
     async def _cache_lookup(self, stored_key: str, settings: CacheSettings) -> CachedReply | None:
         if self._response_cache is None:

@@ -7,8 +7,9 @@ looks the request up here; a hit is answered from the store (nothing reserved or
 ``model.cache_hit`` / ``embedding.cache_hit``), a miss is paid for as usual and its reply stored in the
 same group commit as its audit record and journal step (:class:`~governed_ai.core.store_writer.StoreWriter`).
 
-What is stored, per entry: a keyed digest of everything that makes two requests the same (scope,
-connection, concrete model, prompt version and the redacted request body as it would be sent), the reply
+What is stored, per entry: a keyed digest of everything that makes two requests the same (the caching
+rule, scope, connection, concrete model, prompt version and the redacted request body as it would be
+sent), the reply
 as the journal keeps it with model output ALWAYS redacted (even when the policy lets outputs through
 unredacted elsewhere), the prompt version in clear (so ``governed-ai cache purge --prompt-version`` can
 find it), the connection/model and the rule that enabled it, and when it was stored. No prompt text, no
@@ -57,6 +58,7 @@ response_cache_table = Table(
 
 def cache_key(
     digest: Callable[[str], str],
+    rule: str,
     scope: str,
     connection_id: str,
     model: str,
@@ -64,9 +66,10 @@ def cache_key(
     body: dict[str, Any],
 ) -> str:
     """The entry's key: the deployment's keyed digest of what makes two requests the same. ``body`` is the
-    request as it would be sent (already redacted), so a secret in a prompt never reaches the key material
-    in clear, and the task instance is NOT part of it: that is what lets the next night's run reuse it."""
-    return digest(canonical_json(["response-cache", scope, connection_id, model, prompt_version, body]))
+    request as it would be sent (already redacted). The task instance is NOT part of it: that is what lets
+    the next night's run reuse it. The policy ``rule`` that caches is: entries are shared by the tasks one
+    rule matches, never across rules (the rule is the deployment's unit of trust)."""
+    return digest(canonical_json(["response-cache", rule, scope, connection_id, model, prompt_version, body]))
 
 
 @dataclass(frozen=True)

@@ -416,3 +416,23 @@ def test_the_cache_table_stores_replaces_expires_and_purges_on_each_backend(stor
     assert cache.purge(older_than=timedelta(days=7), prompt_version="p@1") == 0  # both must match
     assert cache.purge(older_than=timedelta(days=7)) == 1
     assert cache.purge() == 1 and cache.status() == []
+
+
+def test_entries_are_shared_by_the_tasks_of_one_rule_never_across_rules(make):
+    two_rules = (
+        "version: 1\nrules:\n"
+        + "".join(
+            f"  - name: team-{team}\n"
+            f'    match: {{dag_id: "unit_{team}*"}}\n'
+            "    models: [{connection: llm, model: primary}]\n"
+            "    cache: {models: [primary], ttl_seconds: 3600}\n"
+            for team in ("a", "b")
+        )
+    )
+    setup = make(two_rules)
+    team_a = [Subject(dag_id=f"unit_a{n}", task_id="t", run_id="r") for n in (1, 2)]
+    team_b = Subject(dag_id="unit_b1", task_id="t", run_id="r")
+    ask(setup, team_a[0])
+    assert ask(setup, team_a[1]).cache == "hit"  # another DAG of the same rule
+    assert ask(setup, team_b).cache == "miss"  # the same question under another rule
+    assert chat_sent(setup) == 2

@@ -181,7 +181,8 @@ def test_lineage_shows_response_cache_hits(governance_policy, monkeypatch, tmp_p
             "    cache: {models: [fake-model], ttl_seconds: 3600, outputs: all}\n    collections:",
         )
     )
-    with FakeOpenAIServer(default=ScriptedReply(content="ok", prompt_tokens=21, completion_tokens=3)) as server:
+    reply = ScriptedReply(content="ok", prompt_tokens=21, completion_tokens=3)
+    with FakeOpenAIServer(default=reply) as server:
         monkeypatch.setenv("AIRFLOW_CONN_GOVERNED_AI_LLM_DEFAULT", server.connection_json())
         facets = []
         for night in ("night-1", "night-2"):  # two runs: the second is answered from the cache
@@ -193,8 +194,9 @@ def test_lineage_shows_response_cache_hits(governance_policy, monkeypatch, tmp_p
             batch.execute(fake_context("lineage_dag", "batch", run_id=night))
             emitted = []
             for op in (single, batch):
-                (tmp_path / night / op.task_id).mkdir(parents=True)
-                event = emit_and_read(op.get_openlineage_facets_on_complete(None), tmp_path / night / op.task_id)
+                where = tmp_path / night / op.task_id
+                where.mkdir(parents=True)
+                event = emit_and_read(op.get_openlineage_facets_on_complete(None), where)
                 emitted.append(event["run"]["facets"]["governedAi"])
             facets.append(emitted)
         assert len(server.chat_requests) == 3  # one single call and two items, the first night only

@@ -97,7 +97,8 @@ Semantics worth knowing when writing a policy:
   the redacted ones the journal keeps. ``outputs: structured`` caches only requests with an output schema,
   ``all`` every chat reply; a reply that failed validation is never stored. Embeddings of a cached model
   are cached under either setting. For a task several matching rules could cache, the first (file
-  order) whose ``models`` matches decides. ``governed-ai cache purge`` removes stored replies by age or
+  order) whose ``models`` matches (and that grants the model) decides; entries are shared by the tasks
+  one rule matches, never across rules. ``governed-ai cache purge`` removes stored replies by age or
   prompt version.
 """
 

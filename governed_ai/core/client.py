@@ -74,6 +74,8 @@ DEFAULT_COMPLETION_RESERVE = 1024
 # What the audit trail keeps of one exchange's text when the policy stores content (already redacted).
 _MAX_AUDIT_CONTENT = 20_000
 _MAX_ERROR = 2_000
+# What a request answered by the response cache consumed (its audit record says so).
+_NOTHING_PAID: dict[str, Any] = {"prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0}
 
 T = TypeVar("T")
 #: Looks at each paid reply and returns audit records to add to it (e.g. an agent's refused tool choice).
@@ -490,8 +492,9 @@ class GovernedClient:
                     cache_state = cache_state or "hit"
                     self.cache_hits += 1
                     await self._record(
-                        self._cache_hit_record(resource, model, decision, prompt_version, item_key, hit,
-                                               stored_key, "model.cache_hit")
+                        self._replay_record(resource, model, decision, prompt_version, item_key,
+                                            action="model.cache_hit", outcome="cache_hit",
+                                            extra=self._cache_hit_extra(hit, stored_key), **_NOTHING_PAID)
                     )  # fmt: skip
                     continue
                 self.cache_misses += 1
@@ -686,8 +689,9 @@ class GovernedClient:
                 vectors = Embeddings.from_json(hit.result)
                 self.cache_hits += 1
                 await self._record(
-                    self._cache_hit_record(resource, model, decision, None, item_key, hit, stored_key,
-                                           "embedding.cache_hit", inputs=len(inputs))
+                    self._replay_record(resource, model, decision, None, item_key,
+                                        action="embedding.cache_hit", outcome="cache_hit", **_NOTHING_PAID,
+                                        extra=self._cache_hit_extra(hit, stored_key, inputs=len(inputs)))
                 )  # fmt: skip
                 return GovernedEmbeddings(vectors.vectors, vectors.model, 0, 0.0, decision.rule, redactions,
                                           False, cached=True)  # fmt: skip
@@ -989,25 +993,12 @@ class GovernedClient:
             **fields,
         )
 
-    def _cache_hit_record(
-        self,
-        resource: str,
-        model: str,
-        decision: Decision,
-        prompt_version: str | None,
-        item_key: str | None,
-        hit: CachedReply,
-        stored_key: str,
-        action: str,
-        **extra: Any,
-    ) -> AuditRecord:
-        """A request answered by the response cache: allowed, nothing sent, 0 tokens, $0; which entry (a
-        prefix of its keyed digest), when it was stored and by which rule's ``cache``."""
-        extra.update(cache_key=stored_key[:16], cached_at=hit.created_at.isoformat(), cache_rule=hit.rule)
-        return self._replay_record(
-            resource, model, decision, prompt_version, item_key, action=action, outcome="cache_hit",
-            extra=extra, prompt_tokens=0, completion_tokens=0, cost_usd=0.0,
-        )  # fmt: skip
+    @staticmethod
+    def _cache_hit_extra(hit: CachedReply, stored_key: str, **extra: Any) -> dict[str, Any]:
+        """What a ``*.cache_hit`` record adds: which entry (a prefix of its keyed digest), when it was stored
+        and by which rule's ``cache``."""
+        return {**extra, "cache_key": stored_key[:16], "cached_at": hit.created_at.isoformat(),
+                "cache_rule": hit.rule}  # fmt: skip
 
     # -- response cache ---------------------------------------------------------------------------------
 

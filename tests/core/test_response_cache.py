@@ -9,9 +9,8 @@ task instance is the journal's job.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,16 +20,15 @@ from governed_ai.core.audit import AuditRecord
 from governed_ai.core.chat import ChatRequest
 from governed_ai.core.client import GovernedChatResult
 from governed_ai.core.errors import GovernanceDenied, StructuredOutputError
-from governed_ai.core.governor import FixedPolicy, Governor
-from governed_ai.core.ledger import BudgetLedger
+from governed_ai.core.governor import FixedPolicy
 from governed_ai.core.observability.metrics import MetricsObserver
-from governed_ai.core.policy import PolicyError, PolicyProvider, engine_from_text, load_policy_text
+from governed_ai.core.policy import PolicyError, engine_from_text, load_policy_text
 from governed_ai.core.response_cache import ResponseCache, parse_age, response_cache_table
-from governed_ai.core.sqlstore import create_store_engine, utc_now
+from governed_ai.core.sqlstore import utc_now
 from governed_ai.core.subject import Subject
-from tests.audit_support import keyed_audit_store
 from tests.core.test_client import CARD, EMAIL, TICKET, Setup, budget_yaml
-from tests.fakes.openai_server import FakeOpenAIServer, ScriptedReply
+from tests.core.test_client import make as client_make  # noqa: F401  (the fixture, under another name)
+from tests.fakes.openai_server import ScriptedReply
 
 RUN_1 = Subject(dag_id="unit_dag", task_id="unit_task", run_id="nightly-1")
 RUN_2 = RUN_1.model_copy(update={"run_id": "nightly-2"})
@@ -76,27 +74,16 @@ class Clock:
 
 
 @pytest.fixture
-def make(tmp_path: Path) -> Iterator[Callable[..., Setup]]:
-    engine = create_store_engine(f"sqlite:///{tmp_path}/g.db")
-    servers: list[FakeOpenAIServer] = []
+def make(client_make: Callable[..., Setup]) -> Callable[..., Setup]:  # noqa: F811
+    """test_client's setup (real governor, store and HTTP server) with a movable clock and a JSON reply."""
 
     def build(text: str, *, reply: str = '{"label": "positive"}') -> Setup:
-        governor = Governor(
-            policy=PolicyProvider(text=text),
-            ledger=BudgetLedger(engine),
-            audit=keyed_audit_store(engine),
-            clock=Clock(),
-        )
-        server = FakeOpenAIServer(
-            models=("primary", "backup", "embedder"), default=ScriptedReply(content=reply)
-        ).__enter__()
-        servers.append(server)
-        return Setup(governor, server, engine)
+        models = ("primary", "backup", "embedder")
+        setup = client_make(text, models=models, default=ScriptedReply(content=reply))
+        setup.governor.clock = Clock()
+        return setup
 
-    yield build
-    for server in servers:
-        server.__exit__()
-    engine.dispose()
+    return build
 
 
 def ask(setup: Setup, subject: Subject, content: str = "classify ticket 7", *, structured: bool = True,
@@ -419,15 +406,12 @@ def test_the_cache_table_stores_replaces_expires_and_purges_on_each_backend(stor
 
 
 def test_entries_are_shared_by_the_tasks_of_one_rule_never_across_rules(make):
-    two_rules = (
-        "version: 1\nrules:\n"
-        + "".join(
-            f"  - name: team-{team}\n"
-            f'    match: {{dag_id: "unit_{team}*"}}\n'
-            "    models: [{connection: llm, model: primary}]\n"
-            "    cache: {models: [primary], ttl_seconds: 3600}\n"
-            for team in ("a", "b")
-        )
+    two_rules = "version: 1\nrules:\n" + "".join(
+        f"  - name: team-{team}\n"
+        f'    match: {{dag_id: "unit_{team}*"}}\n'
+        "    models: [{connection: llm, model: primary}]\n"
+        "    cache: {models: [primary], ttl_seconds: 3600}\n"
+        for team in ("a", "b")
     )
     setup = make(two_rules)
     team_a = [Subject(dag_id=f"unit_a{n}", task_id="t", run_id="r") for n in (1, 2)]

@@ -6,6 +6,8 @@
     governed-ai audit export FILE.jsonl [filters]
     governed-ai audit verify [--key-file F] [--anchor-path P] | anchor
     governed-ai budget status
+    governed-ai cache status
+    governed-ai cache purge [--older-than 7d] [--prompt-version V] [--all]
 
 The store is ``--store-url``, else ``$AIRFLOW__GOVERNED_AI__STORE_URL``, else the SQLite file under
 ``$AIRFLOW_HOME/governed_ai/``: the same defaults the governance hook uses. Only ``audit verify`` and
@@ -29,6 +31,7 @@ from governed_ai.core.keys import DeploymentKey, read_key_file
 from governed_ai.core.ledger import BudgetLedger
 from governed_ai.core.paths import default_store_url, provider_home
 from governed_ai.core.policy import PolicyError, PolicyProvider, load_policy_file
+from governed_ai.core.response_cache import ResponseCache, parse_age
 from governed_ai.core.sqlstore import create_store_engine
 
 #: The policy ``governed-ai policy init`` writes: fail-closed, one rule, one daily budget, redaction on.
@@ -147,6 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     budget = groups.add_parser("budget").add_subparsers(dest="command", required=True)
     budget.add_parser("status", help="spend, holds and remaining per budget period")
 
+    cache = groups.add_parser("cache").add_subparsers(dest="command", required=True)
+    cache.add_parser("status", help="stored replies per scope and prompt version")
+    purge = cache.add_parser("purge", help="delete stored replies by age and/or prompt version")
+    purge.add_argument("--older-than", default=None, help="stored longer ago than this: 7d, 12h, 30m, 45s")
+    purge.add_argument("--prompt-version", default=None, help="stored for this prompt version id")
+    purge.add_argument("--all", action="store_true", help="every stored reply")
+
     args = parser.parse_args(argv)
 
     if args.group == "policy" and args.command == "init":
@@ -196,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{s.budget} [{window}]: {tokens}, {cost}; {held}{resets}")
         return 0
 
+    if args.group == "cache":
+        return _cache_command(args, ResponseCache(store_engine))
+
     if args.command in ("verify", "anchor"):
         key, anchors = _key_and_anchors(args)
         keyed = AuditStore(store_engine, key=key, anchors=anchors)
@@ -223,6 +236,36 @@ def main(argv: list[str] | None = None) -> int:
         with args.file.open("w") as out:
             count = store.export_jsonl(out, **_filters(args))
         print(f"exported {count} record(s) to {args.file}")
+    return 0
+
+
+def _cache_command(args: argparse.Namespace, cache: ResponseCache) -> int:
+    if args.command == "status":
+        groups = cache.status()
+        if not groups:
+            print("the response cache is empty")
+        for g in groups:
+            entries = f"{g.entries} entr{'y' if g.entries == 1 else 'ies'}"
+            stored = f"stored {g.oldest:%Y-%m-%dT%H:%MZ} .. {g.newest:%Y-%m-%dT%H:%MZ}"
+            print(f"{g.scope} prompt_version={g.prompt_version or '-'}: {entries}, {stored}")
+        return 0
+    if not (args.older_than or args.prompt_version or args.all):
+        print(
+            "governed-ai cache purge: say what to delete: --older-than AGE, --prompt-version V "
+            "(both: entries matching both), or --all",
+            file=sys.stderr,
+        )
+        return 2
+    if args.all and (args.older_than or args.prompt_version):
+        print("governed-ai cache purge: --all deletes everything; drop it or the filters", file=sys.stderr)
+        return 2
+    try:
+        older_than = parse_age(args.older_than) if args.older_than else None
+    except ValueError as err:
+        print(f"governed-ai cache purge: --older-than: {err}", file=sys.stderr)
+        return 2
+    deleted = cache.purge(older_than=older_than, prompt_version=args.prompt_version)
+    print(f"purged {deleted} cached repl{'y' if deleted == 1 else 'ies'}")
     return 0
 
 

@@ -293,3 +293,65 @@ def test_policy_init_defaults_to_the_provider_home_under_airflow_home(capsys, tm
 
     written = tmp_path / "governed_ai" / "governance_policy.yaml"
     assert code == 0 and written.is_file() and str(written) in out
+
+
+# -- cache status / purge: the governed response cache ----------------------------------------------------
+
+
+@pytest.fixture
+def cache_url(tmp_path: Path) -> str:
+    """A store with three cached replies: two of prompt version labels@1 (stored 10 days ago and now), one
+    of labels@2 (now), written the way the store writer writes them."""
+    from datetime import timedelta
+
+    from governed_ai.core.response_cache import CacheWrite, ResponseCache, apply_cache_writes
+    from governed_ai.core.sqlstore import utc_now, write_transaction
+
+    url = f"sqlite:///{tmp_path / 'cache.db'}"
+    engine = create_store_engine(url)
+    ResponseCache(engine)
+    now = utc_now()
+    entries = [("a" * 64, "labels@1", now - timedelta(days=10)), ("b" * 64, "labels@1", now),
+               ("c" * 64, "labels@2", now)]  # fmt: skip
+    for key, version, when in entries:
+        with write_transaction(engine) as connection:
+            apply_cache_writes(
+                connection, [CacheWrite(key, "chat", "llm/m", version, "r", {"completion": {}})], now=when
+            )
+    engine.dispose()
+    return url
+
+
+def test_cache_status_counts_entries_per_prompt_version(capsys, cache_url):
+    code, out, _ = run(capsys, "--store-url", cache_url, "cache", "status")
+
+    assert code == 0
+    assert [line.split(":")[0] for line in out.splitlines()] == [
+        "chat prompt_version=labels@1",
+        "chat prompt_version=labels@2",
+    ]
+    assert "2 entries" in out.splitlines()[0] and "1 entry" in out.splitlines()[1]
+
+
+def test_cache_purge_by_age_then_by_prompt_version(capsys, cache_url):
+    code, out, _ = run(capsys, "--store-url", cache_url, "cache", "purge", "--older-than", "7d")
+    assert code == 0 and "purged 1 cached reply" in out
+
+    code, out, _ = run(capsys, "--store-url", cache_url, "cache", "purge", "--prompt-version", "labels@1")
+    assert code == 0 and "purged 1 cached reply" in out
+
+    _, out, _ = run(capsys, "--store-url", cache_url, "cache", "status")
+    assert out.startswith("chat prompt_version=labels@2: 1 entry")
+
+
+def test_cache_purge_needs_a_filter_and_a_readable_age(capsys, cache_url):
+    code, _, err = run(capsys, "--store-url", cache_url, "cache", "purge")
+    assert code == 2 and "--older-than" in err and "--all" in err
+
+    code, _, err = run(capsys, "--store-url", cache_url, "cache", "purge", "--older-than", "a week")
+    assert code == 2 and "7d" in err
+
+    code, out, _ = run(capsys, "--store-url", cache_url, "cache", "purge", "--all")
+    assert code == 0 and "purged 3 cached replies" in out
+    _, out, _ = run(capsys, "--store-url", cache_url, "cache", "status")
+    assert "the response cache is empty" in out

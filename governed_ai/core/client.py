@@ -16,6 +16,12 @@ that would be paid for, in this order:
    it in the journal, send it (through the transport's one retry policy), **complete** it in the journal
    together with its audit record in one group commit, and **settle** the budget with the real usage.
 
+Between 4 and 5, when the policy turns the response cache on for the model (a rule's ``cache``), the
+request is looked up in the governed response cache (:mod:`governed_ai.core.response_cache`): a hit is
+answered from the store (nothing reserved or sent, $0, audited as a ``*.cache_hit`` record, ``cache: hit``
+in the XCom's ``governance``); a miss is paid for as above and its (redacted) reply stored in the same
+group commit.
+
 Airflow-free: hooks build the transport (from the LLM connection) and the governor (from the governance
 connection); operators call :meth:`GovernedClient.chat`, :meth:`~GovernedClient.embed` or, for batches,
 run coroutines on the client's own event loop with :meth:`~GovernedClient.run`.
@@ -24,6 +30,7 @@ run coroutines on the client's own event loop with :meth:`~GovernedClient.run`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import fnmatch
 import threading
 import time
@@ -53,8 +60,9 @@ from governed_ai.core.journal import (
     StepFailed,
 )
 from governed_ai.core.llm_settings import StructuredOutputMode
-from governed_ai.core.policy import Decision, PolicyEngine
+from governed_ai.core.policy import CacheSettings, Decision, PolicyEngine
 from governed_ai.core.pricing import PriceTable
+from governed_ai.core.response_cache import CachedReply, CacheWrite, ResponseCache, cache_key
 from governed_ai.core.store_writer import StoreWriter
 from governed_ai.core.subject import Subject
 from governed_ai.core.tokens import InputTooLarge, count_messages, token_counter
@@ -66,6 +74,8 @@ DEFAULT_COMPLETION_RESERVE = 1024
 # What the audit trail keeps of one exchange's text when the policy stores content (already redacted).
 _MAX_AUDIT_CONTENT = 20_000
 _MAX_ERROR = 2_000
+# What a request answered by the response cache consumed (its audit record says so).
+_NOTHING_PAID: dict[str, Any] = {"prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0}
 
 T = TypeVar("T")
 #: Looks at each paid reply and returns audit records to add to it (e.g. an agent's refused tool choice).
@@ -84,6 +94,9 @@ class GovernedChatResult:
     #: Set when a route switched to its cheaper model near a budget's limit:
     #: requested, from, to, budget, used.
     budget_route: dict[str, Any] | None = None
+    #: The response cache: ``hit`` (answered from it, nothing paid), ``miss`` (paid, reply stored), or
+    #: None when the policy does not cache this request.
+    cache: str | None = None
 
     @property
     def replayed(self) -> bool:
@@ -96,6 +109,7 @@ class GovernedChatResult:
             prompt_version=self.prompt_version,
             redactions=self.redactions,
             fallbacks_tried=self.fallbacks_tried,
+            cache=self.cache,
         )
         if self.budget_route is not None:
             governance["budget_route"] = dict(self.budget_route)
@@ -141,6 +155,8 @@ class GovernedEmbeddings:
     rule: str | None
     redactions: int
     replayed: bool
+    #: Answered from the response cache (nothing sent, $0).
+    cached: bool = False
 
 
 class _LoopThread:
@@ -238,6 +254,10 @@ class GovernedClient:
         self.paid_prompt_tokens = 0
         self.paid_completion_tokens = 0
         self.paid_cost = 0.0
+        # Requests the response cache answered, and those it was asked about and could not answer.
+        self.cache_hits = 0
+        self.cache_misses = 0
+        self._response_cache: ResponseCache | None = None
 
     def share(self, parts: int) -> GovernedClient:
         """A new client for the same task instance, settings and governance, with ``1/parts`` of the
@@ -317,7 +337,7 @@ class GovernedClient:
         for model in candidates:
             try:
                 await self.transport.ensure_served(model)
-                result, decision, redactions = await self._chat_with(
+                result, decision, redactions, cache = await self._chat_with(
                     request, model, prompt_version, item_key, check_reply
                 )
             except ModelUnavailable as unavailable:
@@ -331,6 +351,7 @@ class GovernedClient:
                 redactions=redactions,
                 fallbacks_tried=tuple(tried),
                 budget_route=budget_route,
+                cache=cache,
             )
         assert last is not None  # candidates is never empty: an empty route is denied
         raise last
@@ -431,7 +452,7 @@ class GovernedClient:
         prompt_version: str | None,
         item_key: str | None,
         check_reply: ReplyCheck | None,
-    ) -> tuple[ChatResult, Decision, int]:
+    ) -> tuple[ChatResult, Decision, int, str | None]:
         decision = await self._authorize(model, prompt_version)
         cap = decision.max_tokens_per_call
         max_tokens = request.max_tokens if cap is None else min(request.max_tokens or cap, cap)
@@ -442,6 +463,7 @@ class GovernedClient:
         redactions = 0
         resource = f"{self.connection_id}/{model}"
         reply: _RedactedReply | None = None  # the last paid reply as the policy lets it be kept
+        cache_state: str | None = None  # hit: every request answered by the cache; miss: any paid for
         while (body := driver.next_request()) is not None:
             # The policy of now, before every request: a grant revoked mid-call stops the next one.
             decision = await self._authorize(model, prompt_version)
@@ -456,8 +478,30 @@ class GovernedClient:
                 reply = None
                 await self._record(self._replay_record(resource, model, decision, prompt_version, item_key))
                 continue
+            cache = self._cache_for(model, structured=request.output_schema is not None)
+            to_store: tuple[str, CacheSettings] | None = None
+            if cache is not None:
+                stored_key = self._cache_key(cache, "chat", model, prompt_version, body)
+                hit = await self._cache_lookup(stored_key, cache)
+                if hit is not None:
+                    cached = Completion.from_json(hit.result["completion"])
+                    # Nothing was consumed: the result's usage and cost count only what this call paid.
+                    cached = dataclasses.replace(cached, prompt_tokens=0, completion_tokens=0)
+                    driver.feed(cached, 0.0, verdict=hit.result.get("verdict"))
+                    reply = None  # stored redacted; redacted again below under the policy of now
+                    cache_state = cache_state or "hit"
+                    self.cache_hits += 1
+                    await self._record(
+                        self._replay_record(resource, model, decision, prompt_version, item_key,
+                                            action="model.cache_hit", outcome="cache_hit",
+                                            extra=self._cache_hit_extra(hit, stored_key), **_NOTHING_PAID)
+                    )  # fmt: skip
+                    continue
+                self.cache_misses += 1
+                cache_state = "miss"
+                to_store = (stored_key, cache)
             reply = await self._paid_chat(
-                driver, body, key, resource, model, decision, prompt_version, item_key, check_reply
+                driver, body, key, resource, model, decision, prompt_version, item_key, check_reply, to_store
             )
         result = driver.result()
         if decision.redaction.outputs:
@@ -475,7 +519,7 @@ class GovernedClient:
                     found += more
             redactions += found
             result = result.model_copy(update={"content": reply.content, "output": output})
-        return result, decision, redactions
+        return result, decision, redactions, cache_state
 
     async def _paid_chat(
         self,
@@ -488,8 +532,10 @@ class GovernedClient:
         prompt_version: str | None,
         item_key: str | None,
         check_reply: ReplyCheck | None,
+        to_store: tuple[str, CacheSettings] | None = None,
     ) -> _RedactedReply:
-        """One paid request; returns its reply as the policy lets it be kept (redacted when it says so)."""
+        """One paid request; returns its reply as the policy lets it be kept (redacted when it says so).
+        ``to_store``: the response-cache key and settings when the reply may be stored for reuse."""
         await self._reconcile()
         prompt_estimate = count_messages(self._counter, body["messages"])
         await self._check_input_size(prompt_estimate, resource, model, decision, prompt_version, item_key)
@@ -548,7 +594,16 @@ class GovernedClient:
             cost_usd=cost, content=content, http_attempts=sent.http_attempts,
         )  # fmt: skip
         checked = list(check_reply(completion)) if check_reply is not None else []
+        cached: list[CacheWrite] = []
+        if to_store is not None and (verdict is None or verdict.get("parsed") is not None):  # valid only
+            # What the cache keeps is always redacted, even where the policy lets this task see raw outputs.
+            stored = kept
+            if not decision.redaction.outputs:
+                stored = self._kept_reply(completion, verdict, _redacting(decision))
+            value = {"completion": stored.completion, "verdict": stored.verdict}
+            cached.append(CacheWrite(to_store[0], "chat", resource, prompt_version, to_store[1].rule, value))
         await self.writer.write(
+            cached=cached,
             records=[record, *checked],
             steps=[
                 StepDone(
@@ -625,6 +680,22 @@ class GovernedClient:
             )
             return GovernedEmbeddings(vectors.vectors, vectors.model, vectors.prompt_tokens, 0.0,
                                       decision.rule, redactions, True)  # fmt: skip
+        cache = self._cache_for(model, structured=None)
+        cached: list[CacheWrite] = []
+        if cache is not None:
+            stored_key = self._cache_key(cache, "embed", model, None, body)
+            hit = await self._cache_lookup(stored_key, cache)
+            if hit is not None:
+                vectors = Embeddings.from_json(hit.result)
+                self.cache_hits += 1
+                await self._record(
+                    self._replay_record(resource, model, decision, None, item_key,
+                                        action="embedding.cache_hit", outcome="cache_hit", **_NOTHING_PAID,
+                                        extra=self._cache_hit_extra(hit, stored_key, inputs=len(inputs)))
+                )  # fmt: skip
+                return GovernedEmbeddings(vectors.vectors, vectors.model, 0, 0.0, decision.rule, redactions,
+                                          False, cached=True)  # fmt: skip
+            self.cache_misses += 1
         await self._reconcile()
         estimate = sum(self._counter.count(text) for text in inputs)
         await self._check_input_size(estimate, resource, model, decision, None, item_key)
@@ -670,7 +741,10 @@ class GovernedClient:
             completion_tokens=0, cost_usd=cost, http_attempts=sent.http_attempts, action="embedding.call",
             inputs=len(inputs),
         )  # fmt: skip
+        if cache is not None:
+            cached.append(CacheWrite(stored_key, "embed", resource, None, cache.rule, result.to_json()))
         await self.writer.write(
+            cached=cached,
             records=[record],
             steps=[
                 StepDone(
@@ -899,8 +973,13 @@ class GovernedClient:
         item_key: str | None,
         *,
         action: str = "model.replay",
+        outcome: str = "replayed",
+        extra: dict[str, Any] | None = None,
+        **fields: Any,
     ) -> AuditRecord:
-        extra = {"item": self.item_digest(item_key)} if item_key is not None else {}
+        extra = dict(extra or {})
+        if item_key is not None:
+            extra["item"] = self.item_digest(item_key)
         return AuditRecord.for_subject(
             self.subject,
             action=action,
@@ -909,8 +988,42 @@ class GovernedClient:
             rule=decision.rule,
             model=model,
             prompt_version=prompt_version,
-            outcome="replayed",
+            outcome=outcome,
             extra=extra,
+            **fields,
+        )
+
+    @staticmethod
+    def _cache_hit_extra(hit: CachedReply, stored_key: str, **extra: Any) -> dict[str, Any]:
+        """What a ``*.cache_hit`` record adds: which entry (a prefix of its keyed digest), when it was stored
+        and by which rule's ``cache``."""
+        return {**extra, "cache_key": stored_key[:16], "cached_at": hit.created_at.isoformat(),
+                "cache_rule": hit.rule}  # fmt: skip
+
+    # -- response cache ---------------------------------------------------------------------------------
+
+    def _cache_for(self, model: str, *, structured: bool | None) -> CacheSettings | None:
+        """The policy's response cache for ``model`` now, if it applies to this request (``structured``:
+        whether the request has an output schema; None for embeddings, cached whenever the model is)."""
+        settings = self.governor.engine().cache_for(self.subject, self.connection_id, model)
+        if settings is None or (structured is False and settings.outputs == "structured"):
+            return None
+        return settings
+
+    def _cache_key(
+        self, cache: CacheSettings, scope: str, model: str, prompt_version: str | None, body: dict[str, Any]
+    ) -> str:
+        """The response-cache key of ``body`` (see :func:`~governed_ai.core.response_cache.cache_key`)."""
+        connection = self.connection_id
+        return cache_key(self.governor.digest, cache.rule, scope, connection, model, prompt_version, body)
+
+    async def _cache_lookup(self, stored_key: str, settings: CacheSettings) -> CachedReply | None:
+        if self._response_cache is None:
+            self._response_cache = await asyncio.to_thread(
+                ResponseCache, self.governor.audit.engine, clock=self.governor.clock
+            )
+        return await asyncio.to_thread(
+            self._response_cache.lookup, stored_key, ttl_seconds=settings.ttl_seconds
         )
 
     def _error_text(self, error: BaseException, decision: Decision) -> str:
@@ -949,6 +1062,11 @@ def item_digest(governor: Governor, subject: Subject, item_key: str) -> str:
     """What the audit trail shows of a batch item's key (16 hex of the deployment's keyed digest, scoped to
     the task instance): enough to follow one item through the trail, useless for guessing the key."""
     return governor.digest(f"item|{governor.instance_digest(subject)}|{item_key}")[:16]
+
+
+def _redacting(decision: Decision) -> Decision:
+    """``decision`` with output redaction on: what the response cache stores is always redacted."""
+    return dataclasses.replace(decision, redaction=dataclasses.replace(decision.redaction, outputs=True))
 
 
 def _message_chars(messages: Sequence[Message]) -> int:

@@ -1,5 +1,8 @@
 """The one group-commit writer of the governance store: audit records and journal steps, durably, in bulk.
 
+(Replies stored in the response cache, :mod:`governed_ai.core.response_cache`, ride along in the same
+transaction, after the journal steps.)
+
 Callers hand in what one step produced (its audit records and journal steps) and wait until it is
 committed; a thread commits whatever queued up while the previous commit ran, in ONE transaction: audit
 records first (so nothing journaled is missing from the audit trail), then the journal steps. A paid
@@ -24,7 +27,8 @@ from dataclasses import dataclass
 
 from governed_ai.core.audit import AuditRecord, AuditStore
 from governed_ai.core.journal import JournalStep, apply_steps, journal_table
-from governed_ai.core.sqlstore import ensure_tables, write_transaction
+from governed_ai.core.response_cache import CacheWrite, apply_cache_writes
+from governed_ai.core.sqlstore import ensure_tables, utc_now, write_transaction
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,7 @@ class _Pending:
     records: Sequence[AuditRecord]
     steps: Sequence[JournalStep]
     done: asyncio.Future[None] | concurrent.futures.Future[None]
+    cached: Sequence[CacheWrite] = ()
 
 
 class StoreWriter:
@@ -57,13 +62,19 @@ class StoreWriter:
                 )
                 self._thread.start()
 
-    async def write(self, records: Sequence[AuditRecord] = (), steps: Sequence[JournalStep] = ()) -> None:
-        """Returns once ``records`` and ``steps`` are committed (raises what the commit raised)."""
-        if not records and not steps:
+    async def write(
+        self,
+        records: Sequence[AuditRecord] = (),
+        steps: Sequence[JournalStep] = (),
+        cached: Sequence[CacheWrite] = (),
+    ) -> None:
+        """Returns once ``records``, ``steps`` and ``cached`` replies are committed (raises what the
+        commit raised)."""
+        if not records and not steps and not cached:
             return
         self._ensure_thread()
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.put(_Pending(records, steps, done))
+        self._queue.put(_Pending(records, steps, done, cached))
         await done
 
     def write_sync(self, records: Sequence[AuditRecord] = (), steps: Sequence[JournalStep] = ()) -> None:
@@ -108,6 +119,9 @@ class StoreWriter:
             with write_transaction(self._audit.engine) as connection:
                 stored = self._audit.append_in(connection, records)  # first: nothing journaled is unaudited
                 apply_steps(connection, [step for pending in group for step in pending.steps])
+                cached = [write for pending in group for write in pending.cached]
+                if cached:
+                    apply_cache_writes(connection, cached, now=utc_now())
             self.commits += 1
             self.records_written += len(records)
         except Exception as failed:  # the waiting callers see the failure

@@ -2,7 +2,8 @@
 
 Every AI operator's XCom value carries the same core: ``model``, ``usage`` (``prompt_tokens``,
 ``completion_tokens``, ``total_tokens``), ``cost_usd``, ``latency_ms`` and ``governance`` (``rule``,
-``prompt_version``, ``redactions``, ``fallbacks_tried``), next to what is specific to the operator (the
+``prompt_version``, ``redactions``, ``fallbacks_tried``, and ``cache`` when the policy caches the request),
+next to what is specific to the operator (the
 reply, the agent's answer, a batch's rows or manifest). Results too many for XCom go to a JSON Lines file and
 XCom carries a manifest: ``{"manifest": "governed_ai.rows/v1", "results_path", "failures_path", "rows",
 "failed_rows"}``, which the quality gate reads from local paths and object storage alike.
@@ -30,13 +31,19 @@ def governance_xcom(
     prompt_version: str | None,
     redactions: int,
     fallbacks_tried: Sequence[str] = (),
+    cache: str | None = None,
 ) -> dict[str, Any]:
-    return {
+    """``cache`` (only present when the policy caches the request): ``hit``, ``miss``, or for a batch
+    ``partial`` (some items answered by the response cache)."""
+    governance: dict[str, Any] = {
         "rule": rule,
         "prompt_version": prompt_version,
         "redactions": int(redactions),
         "fallbacks_tried": list(fallbacks_tried),
     }
+    if cache is not None:
+        governance["cache"] = cache
+    return governance
 
 
 def ai_xcom(

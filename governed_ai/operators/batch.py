@@ -58,6 +58,11 @@ class LLMBatchOperator(BaseOperator):
     completed items come from the journal and are not paid for again; at most ``concurrency`` items that
     were in flight when the task died are repeated.
 
+    **Response cache.** When the policy caches the model (a rule's ``cache``), an item whose request is
+    unchanged since an earlier run (same model, prompt version, settings and redacted prompt) is answered
+    from the governance store for $0 without a call; its row shows ``governance.cache`` ``hit`` and the
+    summary counts ``cache_hits``. Only the policy can turn this on.
+
     **Partial failure.** Items fail one by one with a reason; the batch goes on. The task fails
     (retryably) when more than ``max_failure_rate`` of the items failed or were not run; a budget that
     runs out stops the remaining items and, above the rate, fails the task without retry.
@@ -315,6 +320,11 @@ class LLMBatchOperator(BaseOperator):
                     else:
                         run = client.run(make_runner(client).run(items))
                 model = run.model or requested
+                if run.cache is not None:
+                    self.log.info(
+                        "Response cache: %d item(s) answered from it (nothing paid), %d paid and stored",
+                        run.cache_hits, run.cache_misses,
+                    )  # fmt: skip
                 client.writer.write_sync(
                     records=[
                         AuditRecord.for_subject(
@@ -362,7 +372,9 @@ class LLMBatchOperator(BaseOperator):
                 costUsd=summary["cost_usd"],
                 policyDecision="allow",
                 details={
-                    key: summary[key] for key in ("total", "ok", "replayed", "failed", "not_run", "tokens")
+                    key: summary[key]
+                    for key in ("total", "ok", "replayed", "failed", "not_run", "tokens", "cache_hits")
+                    if key in summary
                 },
             )
             return inputs, outputs, facet
@@ -386,6 +398,7 @@ class LLMBatchOperator(BaseOperator):
                 prompt_version=self.prompt.version_id,
                 redactions=run.redactions,
                 fallbacks_tried=list(run.fallbacks_tried),
+                cache=run.cache,
             ),
             summary=summary,
             prompt_version=self.prompt.version_id,

@@ -186,6 +186,7 @@ class LLMOperator(BaseOperator):
             "latency_ms": result.latency_ms,
             "fallbacks": list(governed.fallbacks_tried),
             "budget_route": governed.budget_route,
+            "cache": governed.cache,
         }
         if governed.budget_route is not None:
             route = governed.budget_route
@@ -222,6 +223,7 @@ class LLMOperator(BaseOperator):
                 details={
                     "fallbacks_tried": facts["fallbacks"],
                     **({"budget_route": facts["budget_route"]} if facts.get("budget_route") else {}),
+                    **({"cache": facts["cache"]} if facts.get("cache") else {}),
                 },
             )
             return [ol.model_input(self.hook.settings.base_url, facts["model"])], [], facet

@@ -170,3 +170,39 @@ def test_batch_lineage_names_the_model_the_input_and_the_results_file(env, monke
     facet = event["run"]["facets"]["governedAi"]
     assert facet["operation"] == "batch_chat" and facet["details"]["ok"] == 3
     validate_facet(facet)
+
+
+def test_lineage_shows_response_cache_hits(governance_policy, monkeypatch, tmp_path):
+    from governed_ai.operators.batch import LLMBatchOperator
+
+    governance_policy(
+        POLICY.replace(
+            "    collections:",
+            "    cache: {models: [fake-model], ttl_seconds: 3600, outputs: all}\n    collections:",
+        )
+    )
+    reply = ScriptedReply(content="ok", prompt_tokens=21, completion_tokens=3)
+    with FakeOpenAIServer(default=reply) as server:
+        monkeypatch.setenv("AIRFLOW_CONN_GOVERNED_AI_LLM_DEFAULT", server.connection_json())
+        facets = []
+        for night in ("night-1", "night-2"):  # two runs: the second is answered from the cache
+            single = LLMOperator(task_id="task", prompt="hello", model="fake-model")
+            single.execute(fake_context("lineage_dag", "task", run_id=night))
+            batch = LLMBatchOperator(
+                task_id="batch", items=["a", "b"], prompt_template="{{ item }}", model="fake-model"
+            )
+            batch.execute(fake_context("lineage_dag", "batch", run_id=night))
+            emitted = []
+            for op in (single, batch):
+                where = tmp_path / night / op.task_id
+                where.mkdir(parents=True)
+                event = emit_and_read(op.get_openlineage_facets_on_complete(None), where)
+                emitted.append(event["run"]["facets"]["governedAi"])
+            facets.append(emitted)
+        assert len(server.chat_requests) == 3  # one single call and two items, the first night only
+    (single_1, batch_1), (single_2, batch_2) = facets
+    assert single_1["details"]["cache"] == "miss" and batch_1["details"]["cache_hits"] == 0
+    assert single_2["details"]["cache"] == "hit" and single_2["costUsd"] == 0
+    assert batch_2["details"]["cache_hits"] == 2 and batch_2["costUsd"] == 0
+    for facet in (single_2, batch_2):
+        validate_facet(facet)

@@ -223,4 +223,6 @@ def _merge(runs: Sequence[BatchRun], total: int, elapsed: float) -> BatchRun:
         fallbacks_tried=tuple(sorted({m for run in runs for m in run.fallbacks_tried})),
         failure_examples=examples[:3],
         processes=len(runs),
+        cache_hits=sum(run.cache_hits for run in runs),
+        cache_misses=sum(run.cache_misses for run in runs),
     )

@@ -125,6 +125,17 @@ class BatchRun:
     failure_examples: list[ItemOutcome] = field(default_factory=list)
     #: How many processes ran the batch (see :mod:`governed_ai.core.batch.processes`).
     processes: int = 1
+    #: Items the response cache answered (nothing paid), and items it was asked about and paid for.
+    cache_hits: int = 0
+    cache_misses: int = 0
+
+    @property
+    def cache(self) -> str | None:
+        """The batch's ``cache`` in XCom: ``hit`` (every item from the response cache), ``miss`` (none),
+        ``partial``, or None when the policy caches none of its requests."""
+        if not self.cache_hits + self.cache_misses:
+            return None
+        return "miss" if not self.cache_hits else "hit" if not self.cache_misses else "partial"
 
     def rows(self, *, failures_only: bool = False) -> Iterator[bytes]:
         """Each item's JSON line (``ItemOutcome.to_json``), in item order."""
@@ -162,6 +173,8 @@ class BatchRun:
             "stopped": self.stopped,
             "stopped_by_budget": self.stopped_by_budget,
             "processes": self.processes,
+            # Only when the policy caches this batch's requests: the summary's shape is otherwise unchanged.
+            **({"cache_hits": self.cache_hits, "cache_misses": self.cache_misses} if self.cache else {}),
         }
 
 
@@ -195,6 +208,7 @@ class BatchRunner:
         self._redactions = 0
         self._fallbacks: set[str] = set()
         self._failure_examples: list[ItemOutcome] = []
+        self._cache_outcomes: dict[str | None, int] = {}
 
     async def run(self, items: Sequence[BatchItem], *, total: int | None = None) -> BatchRun:
         """Run ``items``; ``total`` is the whole batch's item count when these are one process's share."""
@@ -267,6 +281,8 @@ class BatchRunner:
             redactions=self._redactions,
             fallbacks_tried=tuple(sorted(self._fallbacks)),
             failure_examples=self._failure_examples,
+            cache_hits=self._cache_outcomes.get("hit", 0),
+            cache_misses=self._cache_outcomes.get("miss", 0),
         )
 
     async def _one(self, item: BatchItem) -> ItemOutcome:
@@ -299,6 +315,7 @@ class BatchRunner:
         self._model = self._model or governed.result.model
         self._redactions += governed.redactions
         self._fallbacks.update(governed.fallbacks_tried)
+        self._cache_outcomes[governed.cache] = self._cache_outcomes.get(governed.cache, 0) + 1
         if governed.replayed:
             self._counters.replayed += 1
             return ItemOutcome(item.key, item.position, "replayed", governed.to_xcom())

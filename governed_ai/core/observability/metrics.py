@@ -7,6 +7,8 @@ Names (all with tags ``dag_id``, ``task_id`` and, where it applies, ``model``, `
   ``governed_ai.model.cost_micro_usd`` (counters; cost in millionths of a dollar, counters are integers),
   ``governed_ai.model.latency`` (timer, ms);
 - ``governed_ai.denials`` (policy or budget said no; tag ``action``);
+- ``governed_ai.cache.hits`` (requests the response cache answered, nothing paid; tags ``model`` and
+  ``kind``: chat or embed);
 - ``governed_ai.tool.calls`` and ``governed_ai.tool.latency``; ``governed_ai.retrieval.queries``,
   ``governed_ai.retrieval.ingested_chunks``;
 - ``governed_ai.validation.runs`` and ``governed_ai.validation.failed_rows``.
@@ -61,6 +63,9 @@ class MetricsObserver:
             self.sink.incr(f"{PREFIX}.model.cost_micro_usd", round((r.cost_usd or 0.0) * 1_000_000), tags=t)
             if r.latency_ms is not None:
                 self.sink.timing(f"{PREFIX}.model.latency", r.latency_ms, tags=t)
+        elif r.action in ("model.cache_hit", "embedding.cache_hit"):
+            kind = "chat" if r.action == "model.cache_hit" else "embed"
+            self.sink.incr(f"{PREFIX}.cache.hits", tags={**tags, "model": r.model or "", "kind": kind})
         elif r.action == "tool.call":
             t = {**tags, "tool": r.resource or "", "outcome": r.outcome}
             self.sink.incr(f"{PREFIX}.tool.calls", tags=t)

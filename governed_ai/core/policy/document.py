@@ -47,6 +47,10 @@ Format (YAML; every key not listed here is an error)::
           outputs: true
           custom_patterns: [{name: ticket_secret, regex: "TKT-[0-9a-f]{16}"}]
           output_item_keys: digest      # allow_pii | redacted | digest; a rule can only make it stricter
+        cache:                          # optional; omitted = no response cache for this rule's tasks
+          models: ["smollm2*"]          # globs on the concrete model name whose replies may be reused
+          ttl_seconds: 86400            # how long a stored reply may be reused
+          outputs: structured           # structured (only requests with an output schema) | all
     budgets:
       - name: support-daily             # required, unique; the ledger key is (name, period key)
         scope: dag                      # dag | team | global
@@ -86,6 +90,16 @@ Semantics worth knowing when writing a policy:
   IBAN, IP address) may appear in keys as given; a key holding a secret or a custom pattern is still
   replaced: secrets never appear. ``digest``: every key is replaced. Rows also carry the item's
   ``position`` in the input.
+* ``cache`` turns on the governed response cache (off by default; only the policy can turn it on). A
+  request whose connection, model, redacted request body and prompt version equal those of a reply stored
+  less than ``ttl_seconds`` ago is answered from the governance store: still authorized first (a revoked
+  grant denies it), never sent, nothing reserved, $0, audited as ``model.cache_hit``. Stored replies are
+  the redacted ones the journal keeps. ``outputs: structured`` caches only requests with an output schema,
+  ``all`` every chat reply; a reply that failed validation is never stored. Embeddings of a cached model
+  are cached under either setting. For a task several matching rules could cache, the first (file
+  order) whose ``models`` matches (and that grants the model) decides; entries are shared by the tasks
+  one rule matches, never across rules. ``governed-ai cache purge`` removes stored replies by age or
+  prompt version.
 """
 
 from __future__ import annotations
@@ -320,6 +334,14 @@ class RedactionRule(_PolicyModel):
     output_item_keys: OutputItemKeys | None = None
 
 
+class ResponseCacheRule(_PolicyModel):
+    """Which models' replies a rule lets the governed client reuse, and for how long."""
+
+    models: GlobList
+    ttl_seconds: int = Field(gt=0)
+    outputs: Literal["structured", "all"] = "structured"
+
+
 class Rule(_PolicyModel):
     """One allow-rule: which tasks it matches and what it grants them."""
 
@@ -331,6 +353,7 @@ class Rule(_PolicyModel):
     tools: list[ToolGrant] = Field(default_factory=list)
     collections: list[CollectionGrant] = Field(default_factory=list)
     redaction: RedactionRule = Field(default_factory=RedactionRule)
+    cache: ResponseCacheRule | None = None
 
 
 class Budget(_PolicyModel):

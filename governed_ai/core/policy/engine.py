@@ -72,6 +72,16 @@ class Decision:
 
 
 @dataclass(frozen=True, slots=True)
+class CacheSettings:
+    """The response cache that applies to one task's requests for one model (the policy's ``cache``)."""
+
+    rule: str
+    ttl_seconds: int
+    #: ``structured``: only requests with an output schema; ``all``: every chat reply.
+    outputs: Literal["structured", "all"]
+
+
+@dataclass(frozen=True, slots=True)
 class ApplicableBudget:
     """A budget that applies to a task, resolved to the concrete ledger period it charges right now."""
 
@@ -223,11 +233,13 @@ class _CompiledRule:
     models: tuple[_CompiledModelGrant, ...]
     tools: tuple[_CompiledToolGrant, ...]
     collections: tuple[_CompiledCollectionGrant, ...]
+    cache_models: _GlobSet | None = None
 
     @classmethod
     def compile(cls, rule: Rule) -> _CompiledRule:
         return cls(
             rule=rule,
+            cache_models=_GlobSet(rule.cache.models) if rule.cache is not None else None,
             matcher=_SubjectMatcher(rule.match),
             models=tuple(
                 _CompiledModelGrant(
@@ -258,6 +270,7 @@ class _SubjectView:
     redaction: RedactionSettings
     budgets: tuple[Budget, ...]
     decisions: dict[tuple[str, str, str], Decision] = field(default_factory=dict)
+    caches: dict[tuple[str, str], CacheSettings | None] = field(default_factory=dict)
 
 
 def _describe(subject: Subject) -> str:
@@ -520,6 +533,29 @@ class PolicyEngine:
             )
         self._remember(view, key, decision)
         return decision
+
+    def cache_for(self, subject: Subject, connection_id: str, model: str) -> CacheSettings | None:
+        """The response cache for ``subject``'s requests to ``model`` on ``connection_id``, or None (off).
+
+        The first matching rule (file order) that has a ``cache`` whose ``models`` match ``model`` and that
+        grants ``model`` on ``connection_id`` itself decides: a rule caches only what it grants.
+        """
+        view = self._view(subject)
+        key = (connection_id, model)
+        if key in view.caches:
+            return view.caches[key]
+        found: CacheSettings | None = None
+        for compiled in view.rules:
+            cache = compiled.rule.cache
+            if cache is None or compiled.cache_models is None or not compiled.cache_models.matches(model):
+                continue
+            if any(g.connection.matches(connection_id) and g.model.matches(model) for g in compiled.models):
+                found = CacheSettings(compiled.rule.name, cache.ttl_seconds, cache.outputs)
+                break
+        if len(view.caches) >= _MAX_CACHED_DECISIONS_PER_SUBJECT:
+            view.caches.clear()
+        view.caches[key] = found
+        return found
 
     @staticmethod
     def _no_grant_detail(view: _SubjectView) -> str:

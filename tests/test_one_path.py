@@ -110,7 +110,8 @@ def test_pydantic_ai_providers_are_only_built_over_a_governed_sdk_client():
                 keywords = {k.arg: k.value for k in node.keywords}
                 client = keywords.get("openai_client")
                 assert isinstance(client, ast.Call), f"{path}:{node.lineno}"
-                assert attribute_chain(client.func) == ["governed_async_openai_client"], f"{path}:{node.lineno}"
+                where = f"{path}:{node.lineno}"
+                assert attribute_chain(client.func) == ["governed_async_openai_client"], where
                 assert set(keywords) == {"openai_client"}, f"{path}:{node.lineno}"
 
 

@@ -389,7 +389,7 @@ def _transport_classes() -> tuple[type[Any], type[Any]]:
     sync_base: Any = http.BaseTransport
     async_base: Any = http.AsyncBaseTransport
 
-    class GovernedTransport(sync_base):  # type: ignore[misc]
+    class GovernedTransport(sync_base):
         """``openai.OpenAI``'s transport: each request is a governed call on the client's own loop."""
 
         def __init__(self, gateway: OpenAIGateway) -> None:
@@ -403,7 +403,7 @@ def _transport_classes() -> tuple[type[Any], type[Any]]:
         def close(self) -> None:
             self.gateway.close()
 
-    class AsyncGovernedTransport(async_base):  # type: ignore[misc]
+    class AsyncGovernedTransport(async_base):
         """``openai.AsyncOpenAI``'s transport: the governed call runs on the governed client's loop (its
         connections belong there), awaited from the caller's loop without blocking it."""
 

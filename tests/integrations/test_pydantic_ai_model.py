@@ -6,7 +6,7 @@ HTTP; pydantic-ai, the openai SDK and the governed client are the real ones.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,25 +15,25 @@ from pydantic import BaseModel
 
 pytest.importorskip("pydantic_ai")
 
-from pydantic_ai import Agent  # noqa: E402
-from pydantic_ai.exceptions import ModelHTTPError  # noqa: E402
+from pydantic_ai import Agent
+from pydantic_ai.exceptions import ModelHTTPError
 
-from governed_ai.core.audit import StoredAuditRecord  # noqa: E402
-from governed_ai.core.client import GovernedClient  # noqa: E402
-from governed_ai.core.errors import ConfigurationError  # noqa: E402
-from governed_ai.core.governor import Governor  # noqa: E402
-from governed_ai.core.ledger import BudgetLedger  # noqa: E402
-from governed_ai.core.llm_settings import LLMConnectionSettings  # noqa: E402
-from governed_ai.core.openai_gateway import close_open_gateways  # noqa: E402
-from governed_ai.core.policy import PolicyProvider  # noqa: E402
-from governed_ai.core.pricing import PriceTable  # noqa: E402
-from governed_ai.core.sqlstore import create_store_engine  # noqa: E402
-from governed_ai.core.subject import Subject  # noqa: E402
-from governed_ai.core.transport import ModelTransport  # noqa: E402
-from governed_ai.integrations.pydantic_ai import governed_chat_model  # noqa: E402
-from tests.audit_support import keyed_audit_store  # noqa: E402
-from tests.fakes.openai_server import ScriptedReply  # noqa: E402
-from tests.fakes.tool_calling_server import ToolCallingServer, tool_calls  # noqa: E402
+from governed_ai.core.audit import StoredAuditRecord
+from governed_ai.core.client import GovernedClient
+from governed_ai.core.errors import ConfigurationError
+from governed_ai.core.governor import Governor
+from governed_ai.core.ledger import BudgetLedger
+from governed_ai.core.llm_settings import LLMConnectionSettings
+from governed_ai.core.openai_gateway import close_open_gateways
+from governed_ai.core.policy import PolicyProvider
+from governed_ai.core.pricing import PriceTable
+from governed_ai.core.sqlstore import create_store_engine
+from governed_ai.core.subject import Subject
+from governed_ai.core.transport import ModelTransport
+from governed_ai.integrations.pydantic_ai import governed_chat_model
+from tests.audit_support import keyed_audit_store
+from tests.fakes.openai_server import ScriptedReply
+from tests.fakes.tool_calling_server import ToolCallingServer, tool_calls
 
 SUBJECT = Subject(dag_id="agent_dag", task_id="agent_task", run_id="run-1")
 EMAIL = "canary.person@example.com"

@@ -118,3 +118,26 @@ def test_the_common_ai_agent_calls_its_tool_through_the_governed_model(governed_
     tool_results = [m for m in requests[-1]["messages"] if m.get("role") == "tool"]
     assert tool_results and "shipped on 2026-01-02" in str(tool_results[0]["content"])
     assert all(r["max_tokens"] <= 128 for r in requests)  # the grant's max_tokens_per_call
+
+
+@pytest.mark.airflow
+@pytest.mark.real_model
+def test_the_example_runs_on_the_real_local_model(airflow_db, local_model_connection, tmp_path, monkeypatch):
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.utils.state import DagRunState
+
+    from governed_ai.hooks.governance import GovernanceHook
+
+    monkeypatch.setenv("AIRFLOW__GOVERNED_AI__STORE_URL", f"sqlite:///{tmp_path / 'governance.db'}")
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_GOVERNED_AI_PYDANTICAI_DEFAULT", json.dumps({"conn_type": "governed_ai_pydanticai"})
+    )
+    dagbag = DagBag(dag_folder=str(REPO / "example_dags" / "common_ai_governed.py"))
+    run = dagbag.dags["common_ai_governed"].test()
+
+    assert run.state == DagRunState.SUCCESS
+    records = GovernanceHook().governor.audit.query(
+        dag_id="common_ai_governed", run_id=run.run_id, limit=None
+    )
+    assert {r.task_id for r in records if r.action == "model.call"} == set(GOVERNED_TASKS)
+    assert [r.task_id for r in records if r.action == "model.replay"] == ["retried_after_paying"]

@@ -934,8 +934,31 @@ class GovernedClient:
             else:
                 count = 0
             found += count
-            messages.append({**message, "content": content})
+            redacted = {**message, "content": content}
+            if message.get("tool_calls"):  # an earlier assistant turn, as the caller sends it back
+                redacted["tool_calls"], count = self._redact_tool_call_arguments(
+                    message["tool_calls"], decision
+                )
+                found += count
+            messages.append(redacted)
         return {**body, "messages": messages}, found
+
+    def _redact_tool_call_arguments(self, calls: Any, decision: Decision) -> tuple[Any, int]:
+        """Tool calls of a message with their ``function.arguments`` text redacted; ids and names stay (the
+        tool results refer to the ids)."""
+        if not isinstance(calls, list):
+            return calls, 0
+        found = 0
+        kept: list[Any] = []
+        for call in calls:
+            function = call.get("function") if isinstance(call, dict) else None
+            arguments = function.get("arguments") if isinstance(function, dict) else None
+            if isinstance(arguments, str) and arguments:
+                arguments, count = self.governor.redact_text(arguments, decision.redaction)
+                found += count
+                call = {**call, "function": {**function, "arguments": arguments}}
+            kept.append(call)
+        return kept, found
 
     def _audit_content(self, messages: Sequence[Message], completion: Completion, decision: Decision) -> str:
         prompt = "\n".join(f"[{m.get('role')}] {m.get('content')}" for m in messages)

@@ -260,15 +260,8 @@ class OpenAIGateway:
         for field, why in _CHAT_REFUSED.items():
             if body.get(field) not in (None, False):
                 raise UnsupportedRequest(f"'{field}' is not supported by the governed OpenAI client: {why}.")
-        unknown = sorted(set(body) - _CHAT_OWN - _CHAT_PASSTHROUGH - set(_CHAT_REFUSED))
-        if unknown:
-            raise UnsupportedRequest(
-                f"unsupported chat completion field(s) {', '.join(map(repr, unknown))}: the governed OpenAI "
-                f"client accepts {', '.join(sorted(_CHAT_OWN | _CHAT_PASSTHROUGH))}."
-            )
-        model = body.get("model")
-        if not isinstance(model, str) or not model.strip():
-            raise UnsupportedRequest("'model' must name a model or a policy route (e.g. 'default').")
+        _refuse_unknown_fields("chat completion", body, _CHAT_OWN | _CHAT_PASSTHROUGH, set(_CHAT_REFUSED))
+        model = _model_of(body, "a model or a policy route (e.g. 'default')")
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             raise UnsupportedRequest("'messages' must be a non-empty list of message objects.")
@@ -290,16 +283,8 @@ class OpenAIGateway:
             raise UnsupportedRequest(f"invalid chat completion request: {invalid}") from None
 
     async def _embeddings(self, body: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(body) - _EMBED_FIELDS)
-        if unknown:
-            raise UnsupportedRequest(
-                f"unsupported embeddings field(s) {', '.join(map(repr, unknown))}: the governed OpenAI "
-                f"client "
-                f"accepts {', '.join(sorted(_EMBED_FIELDS))}."
-            )
-        model = body.get("model")
-        if not isinstance(model, str) or not model.strip():
-            raise UnsupportedRequest("'model' must name an embedding model.")
+        _refuse_unknown_fields("embeddings", body, _EMBED_FIELDS)
+        model = _model_of(body, "an embedding model")
         raw = body.get("input")
         texts = [raw] if isinstance(raw, str) else raw
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
@@ -333,6 +318,24 @@ class OpenAIGateway:
                 "cost_usd": governed.cost_usd,
             },
         }
+
+
+def _refuse_unknown_fields(
+    kind: str, body: dict[str, Any], accepted: frozenset[str], refused_elsewhere: set[str] | None = None
+) -> None:
+    unknown = sorted(set(body) - accepted - (refused_elsewhere or set()))
+    if unknown:
+        raise UnsupportedRequest(
+            f"unsupported {kind} field(s) {', '.join(map(repr, unknown))}: the governed OpenAI client "
+            f"accepts {', '.join(sorted(accepted))}."
+        )
+
+
+def _model_of(body: dict[str, Any], what: str) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise UnsupportedRequest(f"'model' must name {what}.")
+    return model
 
 
 def _json_object(body: bytes) -> dict[str, Any]:

@@ -199,6 +199,31 @@ def test_secrets_and_personal_data_in_the_prompt_never_reach_the_server(make):
     assert EMAIL not in stored and SECRET not in stored
 
 
+def test_personal_data_in_tool_call_arguments_sent_back_as_history_is_redacted(make):
+    setup = make()
+    history = [
+        {"role": "user", "content": "Find the customer [key=h1]"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "lookup", "arguments": f'{{"email": "{EMAIL}"}}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": f"found {EMAIL}"},
+    ]
+    with setup.sdk() as client:
+        client.chat.completions.create(model="fake-model", messages=history)
+
+    (_, body), *_ = setup.server.request_bodies()
+    assert EMAIL not in body and '"tool_call_id":"call_1"' in body.replace(" ", "")
+    assert '"id":"call_1"' in body.replace(" ", "")  # ids kept: the tool result refers to them
+
+
 def test_a_retried_task_replays_from_the_journal_and_pays_nothing_again(make):
     setup = make()
     prompts = [f"item [key=k{i}]" for i in range(3)]

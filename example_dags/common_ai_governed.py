@@ -13,7 +13,8 @@ budgets, redaction, replay journal and audit trail as the provider's own operato
 - ``common_ai_llm``: common-ai's ``LLMOperator``, unchanged, with ``llm_conn_id`` a connection of type
   ``governed_ai_pydanticai`` (``governed_ai_pydanticai_default``: create it with
   ``AIRFLOW_CONN_GOVERNED_AI_PYDANTICAI_DEFAULT='{"conn_type": "governed_ai_pydanticai"}'``, which points at
-  ``governed_ai_llm_default``).
+  ``governed_ai_llm_default``). Its first try also fails on purpose after the operator finished (a
+  ``post_execute`` hook): the retry's agent run is answered from the journal, not paid again.
 - ``common_ai_agent``: common-ai's ``AgentOperator`` with a read-only tool, through the same connection.
   Its model requests are governed; the tool itself runs in pydantic-ai (the policy's ``tools`` grants
   apply to the provider's own agent operator, not to pydantic-ai toolsets).
@@ -48,6 +49,13 @@ ORDER_STATUS = {"AB123456": "shipped on 2026-01-02", "CD654321": "waiting for st
 def order_status(order_id: str) -> str:
     """The shipping status of an order (read-only lookup in a fixed table)."""
     return ORDER_STATUS.get(order_id.strip().upper(), "unknown order")
+
+
+def crash_after_first_try(context: Any, result: Any = None) -> None:
+    """Fails a task's first try after its work (and its paid model calls) finished: a stand-in for a
+    worker lost at the worst moment, to show that the retry replays instead of paying again."""
+    if context["ti"].try_number == 1:
+        raise RuntimeError("simulated crash after the model call was paid: the retry replays it")
 
 
 def ask_governed(context: dict[str, Any], question: str) -> dict[str, Any]:
@@ -91,8 +99,7 @@ if CommonAILLMOperator is not None:
         @task(retries=1, retry_delay=timedelta(seconds=0))
         def retried_after_paying(**context: Any) -> dict[str, Any]:
             result = ask_governed(context, "Name one reason a task might be retried.")
-            if context["ti"].try_number == 1:
-                raise RuntimeError("simulated crash after the model call was paid: the retry replays it")
+            crash_after_first_try(context)
             return result
 
         common_ai_llm = CommonAILLMOperator(
@@ -101,6 +108,9 @@ if CommonAILLMOperator is not None:
             system_prompt="Answer briefly.",
             prompt="In one short sentence: what does a scheduler do?",
             model_settings={"max_tokens": 40, "temperature": 0.0},
+            retries=1,
+            retry_delay=timedelta(seconds=0),
+            post_execute=crash_after_first_try,
         )
         common_ai_agent = AgentOperator(
             task_id="common_ai_agent",
@@ -129,13 +139,15 @@ if CommonAILLMOperator is not None:
                 "retried_after_paying:model.call",
                 "retried_after_paying:model.replay",
                 "common_ai_llm:model.call",
+                "common_ai_llm:model.replay",
                 "common_ai_agent:model.call",
             }
             missing = expected - set(calls)
             if missing:
                 raise ValueError(f"audit records missing for this run: {sorted(missing)}; found {calls}")
-            if calls["retried_after_paying:model.call"] != 1:
-                raise ValueError(f"the retry paid again: {calls}")
+            for retried in ("retried_after_paying", "common_ai_llm"):
+                if calls[f"{retried}:model.call"] != 1:
+                    raise ValueError(f"the retry of {retried} paid again: {calls}")
             return calls
 
         (plain_openai_call() >> retried_after_paying() >> common_ai_llm >> common_ai_agent >> audit_check())

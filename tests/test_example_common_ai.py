@@ -60,16 +60,17 @@ def test_every_caller_is_governed_and_the_paid_counter_equals_the_ledger(governe
     assert run.state == DagRunState.SUCCESS
     states = {ti.task_id: ti for ti in run.get_task_instances()}
     assert all(ti.state == TaskInstanceState.SUCCESS for ti in states.values()), states
-    assert states["retried_after_paying"].try_number == 2
+    assert states["retried_after_paying"].try_number == 2 and states["common_ai_llm"].try_number == 2
 
     governor = GovernanceHook().governor
     records = governor.audit.query(dag_id="common_ai_governed", run_id=run.run_id, order="asc", limit=None)
     calls = [r for r in records if r.action == "model.call"]
     assert {r.task_id for r in calls} == set(GOVERNED_TASKS)
     assert all((r.decision, r.rule, r.model) == ("allow", "common-ai-governed", "smollm2") for r in calls)
-    assert [r.task_id for r in calls if r.task_id == "retried_after_paying"] == ["retried_after_paying"]
-    (replay,) = [r for r in records if r.action == "model.replay"]
-    assert replay.task_id == "retried_after_paying"  # the second try paid nothing
+    assert [r.task_id for r in calls].count("retried_after_paying") == 1
+    assert [r.task_id for r in calls].count("common_ai_llm") == 1
+    replays = [r.task_id for r in records if r.action == "model.replay"]
+    assert replays == ["retried_after_paying", "common_ai_llm"]  # the second tries paid nothing
 
     paid = sum(stats["successes"].values())
     assert paid == len(calls)
@@ -114,7 +115,7 @@ def test_the_common_ai_agent_calls_its_tool_through_the_governed_model(governed_
         states["retried_after_paying"].xcom_pull(task_ids="retried_after_paying")["answer"]
         == "retried answer"
     )
-    assert len(requests) == 5  # the retry was not sent
+    assert len(requests) == 5  # the retries were not sent
     tool_results = [m for m in requests[-1]["messages"] if m.get("role") == "tool"]
     assert tool_results and "shipped on 2026-01-02" in str(tool_results[0]["content"])
     assert all(r["max_tokens"] <= 128 for r in requests)  # the grant's max_tokens_per_call
@@ -140,4 +141,5 @@ def test_the_example_runs_on_the_real_local_model(airflow_db, local_model_connec
         dag_id="common_ai_governed", run_id=run.run_id, limit=None
     )
     assert {r.task_id for r in records if r.action == "model.call"} == set(GOVERNED_TASKS)
-    assert [r.task_id for r in records if r.action == "model.replay"] == ["retried_after_paying"]
+    replays = sorted(r.task_id for r in records if r.action == "model.replay")
+    assert replays == ["common_ai_llm", "retried_after_paying"]

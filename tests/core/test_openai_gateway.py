@@ -53,6 +53,8 @@ rules:
     models:
       - {connection: llm, model: fake-model, max_tokens_per_call: 64}
       - {connection: llm, model: fake-embedder}
+      - {connection: llm, model: unlisted-model}
+      - {connection: llm, model: small-input, max_input_tokens: 20}
     model_routes:
       default: {model: fake-model}
     redaction:
@@ -106,7 +108,9 @@ def make(tmp_path: Path) -> Iterator[Callable[..., Setup]]:
 
     def build(policy: str = POLICY) -> Setup:
         server = FaultyFakeOpenAIServer(
-            FaultConfig(latency_ms=1, record_bodies=True, models=("fake-model", "fake-embedder"))
+            FaultConfig(
+                latency_ms=1, record_bodies=True, models=("fake-model", "fake-embedder", "small-input")
+            )
         ).__enter__()
         servers.append(server)
         governor = Governor(
@@ -167,6 +171,23 @@ def test_a_denied_model_raises_an_openai_error_in_the_caller_and_is_audited(make
     assert denied.value.body["code"] == "GovernanceDenied"  # type: ignore[index]
     (deny,) = [r for r in setup.records() if r.decision == "deny"]
     assert (deny.action, deny.model) == ("model.authorize", "gpt-4o")
+    assert setup.server.stats()["chat_requests"] == 0
+
+
+@pytest.mark.parametrize(
+    ("model", "error", "code", "status"),
+    [
+        ("unlisted-model", openai.NotFoundError, "ModelNotServed", 404),  # granted, not served
+        ("small-input", openai.BadRequestError, "InputTooLarge", 400),  # over the grant's input limit
+    ],
+)
+def test_other_governed_failures_keep_their_meaning_in_the_sdk_error(make, model, error, code, status):
+    setup = make()
+    with setup.sdk() as client, pytest.raises(error) as failed:
+        ask(client, "a prompt that is long enough to be over twenty tokens " * 4 + "[key=f1]", model=model)
+
+    assert failed.value.status_code == status and failed.value.body["code"] == code  # type: ignore[index]
+    assert failed.value.response.headers["x-should-retry"] == "false"
     assert setup.server.stats()["chat_requests"] == 0
 
 

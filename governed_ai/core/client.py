@@ -24,6 +24,7 @@ run coroutines on the client's own event loop with :meth:`~GovernedClient.run`.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import fnmatch
 import threading
 import time
@@ -152,7 +153,10 @@ class _LoopThread:
         self._thread.start()
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+        return self.submit(coroutine).result()
+
+    def submit(self, coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
 
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -249,11 +253,16 @@ class GovernedClient:
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run ``coroutine`` on the client's event loop (where its connections live) and return its result."""
+        return self.submit(coroutine).result()
+
+    def submit(self, coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Schedule ``coroutine`` on the client's event loop and return its future: code on another event
+        loop awaits it with ``asyncio.wrap_future`` without holding a thread per call."""
         with self._loop_lock:
             if self._loop is None:
                 self._loop = _LoopThread()
             loop = self._loop
-        return loop.run(coroutine)
+        return loop.submit(coroutine)
 
     async def aclose(self) -> None:
         """Settle open budget blocks and close the endpoint's connections."""
@@ -953,7 +962,7 @@ class GovernedClient:
         for call in calls:
             function = call.get("function") if isinstance(call, dict) else None
             arguments = function.get("arguments") if isinstance(function, dict) else None
-            if isinstance(arguments, str) and arguments:
+            if isinstance(function, dict) and isinstance(arguments, str) and arguments:
                 arguments, count = self.governor.redact_text(arguments, decision.redaction)
                 found += count
                 call = {**call, "function": {**function, "arguments": arguments}}

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import threading
 import time
 import uuid
@@ -164,13 +165,16 @@ class OpenAIGateway:
         if self.owns_client:
             self.client.close()
 
-    def answer(self, method: str, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
-        """:meth:`handle` run on the governed client's own event loop (where its connections live)."""
+    def answer(
+        self, method: str, path: str, body: bytes
+    ) -> concurrent.futures.Future[tuple[int, dict[str, Any]]]:
+        """:meth:`handle` scheduled on the governed client's own event loop (where its connections live)."""
         if self.closed:
             message = "this governed OpenAI client is closed: make a new one with the hook's openai_client()"
-            return error_body(ConfigurationError(message), message)
-        result: tuple[int, dict[str, Any]] = self.client.run(self.handle(method, path, body))
-        return result
+            closed: concurrent.futures.Future[tuple[int, dict[str, Any]]] = concurrent.futures.Future()
+            closed.set_result(error_body(ConfigurationError(message), message))
+            return closed
+        return self.client.submit(self.handle(method, path, body))
 
     # -- requests ----------------------------------------------------------------------------------------
 
@@ -400,7 +404,7 @@ def _transport_classes() -> tuple[type[Any], type[Any]]:
 
         def handle_request(self, request: Any) -> Any:
             body = request.read()
-            status, payload = self.gateway.answer(request.method, request.url.path, body)
+            status, payload = self.gateway.answer(request.method, request.url.path, body).result()
             return _response(status, payload, request)
 
         def close(self) -> None:
@@ -415,9 +419,8 @@ def _transport_classes() -> tuple[type[Any], type[Any]]:
 
         async def handle_async_request(self, request: Any) -> Any:
             body = await request.aread()
-            status, payload = await asyncio.to_thread(
-                self.gateway.answer, request.method, request.url.path, body
-            )
+            answered = self.gateway.answer(request.method, request.url.path, body)
+            status, payload = await asyncio.wrap_future(answered)
             return _response(status, payload, request)
 
         async def aclose(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,12 +107,10 @@ def make(tmp_path: Path) -> Iterator[Callable[..., Setup]]:
     engine = create_store_engine(f"sqlite:///{tmp_path}/g.db")
     servers: list[FaultyFakeOpenAIServer] = []
 
-    def build(policy: str = POLICY) -> Setup:
-        server = FaultyFakeOpenAIServer(
-            FaultConfig(
-                latency_ms=1, record_bodies=True, models=("fake-model", "fake-embedder", "small-input")
-            )
-        ).__enter__()
+    def build(policy: str = POLICY, *, latency_ms: float = 1) -> Setup:
+        models = ("fake-model", "fake-embedder", "small-input")
+        config = FaultConfig(latency_ms=latency_ms, record_bodies=True, models=models)
+        server = FaultyFakeOpenAIServer(config).__enter__()
         servers.append(server)
         governor = Governor(
             policy=PolicyProvider(text=policy), ledger=BudgetLedger(engine), audit=keyed_audit_store(engine)
@@ -307,6 +306,30 @@ def test_the_async_client_is_governed_the_same_way(make):
     assert asyncio.run(run()) == ("positive [key=x1]", "positive [key=x2]")
     assert setup.server.stats()["successes"] == {"x1": 1, "x2": 1}
     assert len(setup.records("model.call")) == 2
+
+
+def test_async_calls_run_concurrently_without_a_thread_each(make):
+    """Twenty calls gathered on the caller's loop overlap on the governed client's loop: the wall time is
+    a few server latencies, not twenty (a thread pool per call would queue them on a 2-core machine)."""
+    setup = make(latency_ms=500)
+
+    async def run() -> float:
+        async with governed_async_openai_client(setup.governed()) as client:
+            started = time.perf_counter()
+            await asyncio.gather(
+                *(
+                    client.chat.completions.create(
+                        model="fake-model", messages=[{"role": "user", "content": f"[key=c{i}]"}]
+                    )
+                    for i in range(20)
+                )
+            )
+            return time.perf_counter() - started
+
+    seconds = asyncio.run(run())
+    assert sum(setup.server.stats()["successes"].values()) == 20
+    print(f"20 concurrent calls at 500 ms: {seconds:.2f} s")
+    assert seconds < 1.5, seconds  # a 6-thread pool (2 cores) would need 4 rounds: 2 s
 
 
 def test_embeddings_are_governed_redacted_and_decoded_by_the_sdk(make):

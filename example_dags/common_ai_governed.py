@@ -129,7 +129,8 @@ if CommonAILLMOperator is not None:
             calls: dict[str, int] = {}
             for record in records:
                 print(
-                    f"{record.task_id}: {record.action} {record.resource} {record.decision} {record.outcome}"
+                    f"{record.task_id}: {record.action} {record.resource} {record.decision} "
+                    f"rule={record.rule} outcome={record.outcome}"
                 )
                 if record.action in ("model.call", "model.replay"):
                     key = f"{record.task_id}:{record.action}"

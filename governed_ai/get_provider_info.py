@@ -28,6 +28,7 @@ def get_provider_info() -> dict[str, Any]:
                     "governed_ai.hooks.llm",
                     "governed_ai.hooks.governance",
                     "governed_ai.hooks.chroma",
+                    "governed_ai.hooks.pydantic_ai",
                 ],
             }
         ],
@@ -141,6 +142,36 @@ def get_provider_info() -> dict[str, Any]:
             }
         },
         "connection-types": [
+            {
+                # Needs the common-ai extra; without it Airflow reports this connection type as switched off.
+                "hook-class-name": "governed_ai.hooks.pydantic_ai.GovernedPydanticAIHook",
+                "hook-name": "Governed AI: pydantic-ai model (common-ai operators)",
+                "connection-type": "governed_ai_pydanticai",
+                "conn-fields": {
+                    "llm_conn_id": {
+                        "label": "LLM connection",
+                        "schema": {"type": ["string", "null"], "default": "governed_ai_llm_default"},
+                        "description": "The governed_ai_llm connection the model's requests go to.",
+                    },
+                    "governance_conn_id": {
+                        "label": "Governance connection",
+                        "schema": {"type": ["string", "null"], "default": "governed_ai_governance_default"},
+                        "description": "One of [governed_ai] allowed_governance_conn_ids.",
+                    },
+                    "model": {
+                        "label": "Model or policy route",
+                        "schema": {"type": ["string", "null"]},
+                        "description": (
+                            "Default: the LLM connection's default_model. The operator's model_id wins."
+                        ),
+                    },
+                },
+                "ui-field-behaviour": {
+                    "hidden-fields": ["schema", "port", "login", "host", "password"],
+                    "relabeling": {},
+                    "placeholders": {},
+                },
+            },
             {
                 "hook-class-name": "governed_ai.hooks.llm.LLMHook",
                 "hook-name": "Governed AI: LLM (OpenAI-compatible)",

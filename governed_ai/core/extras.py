@@ -23,6 +23,7 @@ EXTRAS: dict[str, str] = {
     "postgres": "a governance store on PostgreSQL",
     "openlineage": "OpenLineage facets for the AI operators",
     "local-model": "the bundled local model server (governed-ai-local-model)",
+    "common-ai": "governed pydantic-ai models and the governed connection type for the common-ai operators",
 }
 
 

@@ -153,11 +153,16 @@ class Sent(Generic[ResultT]):
 
 
 @lru_cache(maxsize=1)
-def _http_response_type() -> type[Any]:
-    """The response class of the HTTP library this openai SDK is built on (``httpx`` in 2.x, ``httpx2`` in
-    3.x): asking ``post`` for it returns the raw response, unparsed."""
+def http_library() -> Any:
+    """The HTTP library module this openai SDK is built on (``httpx`` in 2.x, ``httpx2`` in 3.x)."""
     base = next(cls for cls in openai.DefaultAsyncHttpxClient.__mro__ if cls.__name__ == "AsyncClient")
-    response: type[Any] = importlib.import_module(base.__module__.split(".")[0]).Response
+    return importlib.import_module(base.__module__.split(".")[0])
+
+
+def _http_response_type() -> type[Any]:
+    """The response class of the SDK's HTTP library: asking ``post`` for it returns the raw response,
+    unparsed."""
+    response: type[Any] = http_library().Response
     return response
 
 

@@ -34,6 +34,8 @@ from governed_ai.hooks.observers import default_observers
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Connection, Context
 
+    from governed_ai.core.openai_gateway import AsyncOpenAI, OpenAI
+
 CONFIG_SECTION = "governed_ai"
 #: The deployment's list of governance connections a task may name (comma-separated).
 ALLOWED_CONN_IDS_OPTION = "allowed_governance_conn_ids"
@@ -300,6 +302,28 @@ class GovernanceHook(BaseHook):
             on_wait=on_wait if on_wait is not None else self.log.info,
             tokenizer=settings.tokenizer,
         )
+
+    def openai_client(
+        self, context: Context, *, llm_conn_id: str = LLMHook.default_conn_name, **settings: Any
+    ) -> OpenAI:
+        """An ``openai.OpenAI`` for ``@task`` code whose every request is a governed call of the running
+        task through ``llm_conn_id``: the policy, budgets, redaction, the replay journal and the audit trail
+        apply as to the provider's operators (see :mod:`governed_ai.core.openai_gateway` for what it accepts
+        and refuses). ``settings`` are those of :meth:`governed_client`. Use it as a context manager
+        (``with hook.openai_client(context) as client: ...``); one left open is closed when the task ends.
+        """
+        from governed_ai.core.openai_gateway import governed_openai_client
+
+        return governed_openai_client(self.governed_client(context, llm_conn_id=llm_conn_id, **settings))
+
+    def async_openai_client(
+        self, context: Context, *, llm_conn_id: str = LLMHook.default_conn_name, **settings: Any
+    ) -> AsyncOpenAI:
+        """The ``openai.AsyncOpenAI`` counterpart of :meth:`openai_client` (``async with``)."""
+        from governed_ai.core.openai_gateway import governed_async_openai_client
+
+        client = self.governed_client(context, llm_conn_id=llm_conn_id, **settings)
+        return governed_async_openai_client(client)
 
     @staticmethod
     def subject_from_context(context: Context) -> Subject:

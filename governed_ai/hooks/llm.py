@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
 
     from governed_ai.core.client import GovernedClient
+    from governed_ai.core.openai_gateway import AsyncOpenAI, OpenAI
 
 
 class LLMHook(BaseHook):
@@ -109,6 +110,20 @@ class LLMHook(BaseHook):
             governance_conn_id=self.governance_conn_id or GovernanceHook.default_conn_name
         )
         return governance.governed_client(context, llm_conn_id=self.llm_conn_id, **settings)
+
+    def openai_client(self, context: Context | None = None, **settings: Any) -> OpenAI:
+        """An ``openai.OpenAI`` whose every request is a governed call of the running task (or of
+        ``context``) on this connection, through ``governance_conn_id`` (see
+        ``GovernanceHook.openai_client``). Use it as a context manager."""
+        from governed_ai.core.openai_gateway import governed_openai_client
+
+        return governed_openai_client(self.governed_client(context, **settings))
+
+    def async_openai_client(self, context: Context | None = None, **settings: Any) -> AsyncOpenAI:
+        """The ``openai.AsyncOpenAI`` counterpart of :meth:`openai_client`."""
+        from governed_ai.core.openai_gateway import governed_async_openai_client
+
+        return governed_async_openai_client(self.governed_client(context, **settings))
 
     def get_conn(self) -> GovernedClient:
         """The governed client of the running task (see :meth:`governed_client`): the hook never hands out

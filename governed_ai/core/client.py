@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 import numpy as np
 import orjson
 
+from governed_ai.core.approval import ApprovalGate
 from governed_ai.core.audit import AuditRecord
 from governed_ai.core.budget import DEFAULT_WAIT_SECONDS, BudgetGate
 from governed_ai.core.chat import ChatRequest, ChatResult, Message, Verdict
@@ -230,6 +231,7 @@ class GovernedClient:
         self._earlier: dict[str, tuple[set[str], dict[str, int]]] = {}
         self._earlier_lock = asyncio.Lock()
         self._allowed_recorded: set[tuple[str, str, str]] = set()
+        self.approvals = ApprovalGate(governor, subject)
         self._loop: _LoopThread | None = None
         self._loop_lock = threading.Lock()
         self.paid_requests = 0
@@ -494,9 +496,11 @@ class GovernedClient:
         prompt_estimate = count_messages(self._counter, body["messages"])
         await self._check_input_size(prompt_estimate, resource, model, decision, prompt_version, item_key)
         completion_cap = int(body.get("max_tokens") or DEFAULT_COMPLETION_RESERVE)
+        worst_cost = self.prices.cost(model, prompt_estimate, completion_cap)
+        await self._check_approval(model, resource, worst_cost)
         ticket = await self.budget.take(
             prompt_estimate + completion_cap,
-            self.prices.cost(model, prompt_estimate, completion_cap),
+            worst_cost,
             resource=resource,
             model=model,
             priced=self.prices.has_price(model),
@@ -628,9 +632,10 @@ class GovernedClient:
         await self._reconcile()
         estimate = sum(self._counter.count(text) for text in inputs)
         await self._check_input_size(estimate, resource, model, decision, None, item_key)
+        worst_cost = self.prices.cost(model, estimate, 0)
+        await self._check_approval(model, resource, worst_cost)
         ticket = await self.budget.take(
-            estimate, self.prices.cost(model, estimate, 0), resource=resource, model=model,
-            priced=self.prices.has_price(model),
+            estimate, worst_cost, resource=resource, model=model, priced=self.prices.has_price(model),
         )  # fmt: skip
         label = f"embed {model}"
         await self.writer.write(
@@ -732,6 +737,16 @@ class GovernedClient:
                     )
                 )
             self._reconciled = True
+
+    async def _check_approval(self, model: str, resource: str, worst_cost: float) -> None:
+        """Raise :class:`~governed_ai.core.errors.ApprovalRequired` (audited) before anything is reserved or
+        sent when the policy wants a human to approve this call and none has for this task instance."""
+        if not self.approvals.may_need("model"):
+            return
+        estimate = worst_cost if self.prices.has_price(model) else None  # no price: no estimate
+        await asyncio.to_thread(
+            self.approvals.check, "model", model, resource=resource, estimated_cost_usd=estimate
+        )
 
     async def _check_input_size(
         self,

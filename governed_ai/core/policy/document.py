@@ -47,6 +47,15 @@ Format (YAML; every key not listed here is an error)::
           outputs: true
           custom_patterns: [{name: ticket_secret, regex: "TKT-[0-9a-f]{16}"}]
           output_item_keys: digest      # allow_pii | redacted | digest; a rule can only make it stricter
+        require_approval:               # optional: a human approves these actions before they run
+          - models: ["gpt-4*"]          # glob(s) on the concrete model name (chat and embedding calls)
+            estimated_cost_above_usd: 1.0   # optional: only calls whose worst-case cost is above this
+            approvers: ["finance-lead"] # required: Airflow user ids who may answer (assigned users)
+            timeout_minutes: 60         # optional (default 60): no answer by then is a rejection
+          - tools: ["refund_*"]         # glob(s) on a tool name
+            approvers: ["support-lead"]
+          - collection_writes: ["prod_*"]   # glob(s) on a collection written to
+            approvers: ["kb-owner"]
     budgets:
       - name: support-daily             # required, unique; the ledger key is (name, period key)
         scope: dag                      # dag | team | global
@@ -86,6 +95,17 @@ Semantics worth knowing when writing a policy:
   IBAN, IP address) may appear in keys as given; a key holding a secret or a custom pattern is still
   replaced: secrets never appear. ``digest``: every key is replaced. Rows also carry the item's
   ``position`` in the input.
+* ``require_approval`` only ever tightens: it is checked after the action is allowed (a denial stays a
+  denial), and it applies whether or not the rule that says it grants anything, so a rule may consist of a
+  ``match`` and ``require_approval`` alone. Each entry names one kind of action: ``models`` (optionally with
+  ``estimated_cost_above_usd``), ``estimated_cost_above_usd`` alone (any model call above that worst-case
+  cost: the prompt's tokens plus ``max_tokens`` or 1024, at the connection's prices), ``tools``, or
+  ``collection_writes``. When several entries of the matching rules apply, the first in file order names
+  the approvers and the timeout. The task asks through Airflow's human-in-the-loop mechanism (Airflow
+  3.1+; deferred, it holds no worker slot) before anything is reserved, paid or run; an approval holds for
+  that resource for the rest of the task instance (its retries included), a rejection or no answer within
+  ``timeout_minutes`` fails the task without retries. Every answer is audited (``approval.granted`` /
+  ``approval.rejected``) with the approver.
 """
 
 from __future__ import annotations
@@ -320,6 +340,53 @@ class RedactionRule(_PolicyModel):
     output_item_keys: OutputItemKeys | None = None
 
 
+def _approvers(values: list[str]) -> list[str]:
+    if not values:
+        raise ValueError("an approval needs at least one approver: list the Airflow user ids who may answer")
+    if any(not value.strip() for value in values):
+        raise ValueError("an approver must be a non-empty Airflow user id")
+    return values
+
+
+class ApprovalRequirement(_PolicyModel):
+    """Actions a human must approve (through Airflow's human-in-the-loop) before they run."""
+
+    models: GlobList | None = None
+    tools: GlobList | None = None
+    collection_writes: GlobList | None = None
+    estimated_cost_above_usd: Number | None = None
+    approvers: Annotated[list[str], AfterValidator(_approvers)]
+    timeout_minutes: int = Field(default=60, gt=0, le=60 * 24 * 30)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ApprovalRequirement:
+        kinds = [k for k in ("models", "tools", "collection_writes") if getattr(self, k) is not None]
+        if len(kinds) > 1:
+            raise LocatedValueError(
+                f"one approval entry names one kind of action, got {' and '.join(kinds)}; "
+                "write one entry per kind",
+                (kinds[1],),
+            )
+        if self.estimated_cost_above_usd is not None:
+            if self.estimated_cost_above_usd < 0:
+                raise LocatedValueError(
+                    f"estimated_cost_above_usd must be 0 or more, got {self.estimated_cost_above_usd}",
+                    ("estimated_cost_above_usd",),
+                )
+            if kinds and kinds[0] != "models":
+                raise LocatedValueError(
+                    f"estimated_cost_above_usd applies to model calls only, not to {kinds[0]}",
+                    ("estimated_cost_above_usd",),
+                )
+        elif not kinds:
+            raise LocatedValueError(
+                "an approval entry needs models, tools, collection_writes or estimated_cost_above_usd "
+                "(what must be approved)",
+                (),
+            )
+        return self
+
+
 class Rule(_PolicyModel):
     """One allow-rule: which tasks it matches and what it grants them."""
 
@@ -331,6 +398,7 @@ class Rule(_PolicyModel):
     tools: list[ToolGrant] = Field(default_factory=list)
     collections: list[CollectionGrant] = Field(default_factory=list)
     redaction: RedactionRule = Field(default_factory=RedactionRule)
+    require_approval: list[ApprovalRequirement] = Field(default_factory=list)
 
 
 class Budget(_PolicyModel):

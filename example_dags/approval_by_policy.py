@@ -41,7 +41,9 @@ def approval_by_policy() -> None:
     LLMOperator(
         task_id="draft_refund_reply",
         system_prompt="You write short, polite customer-support replies.",
-        prompt="Write two sentences telling a customer that the refund of EUR 40 for order AB123456 is approved.",
+        prompt=(
+            "Write two sentences telling a customer that the refund of EUR 40 for order AB123456 is approved."
+        ),
         model="smollm2",
         max_tokens=80,
     )

@@ -69,7 +69,8 @@ class ApprovalGate:
             return
         cost = "" if estimated_cost_usd is None else f", estimated at most ${estimated_cost_usd:.4f}"
         message = (
-            f"{describe(action, shown)}{cost} needs a human's approval (policy rule {need.rule!r}; approvers: "
+            f"{describe(action, shown)}{cost} needs a human's approval (policy rule {need.rule!r}; "
+            "approvers: "
             f"{', '.join(need.approvers)}; answer within {need.timeout_minutes} min). Nothing was reserved, "
             "paid or run. The governed operators ask through Airflow's human-in-the-loop and wait deferred."
         )

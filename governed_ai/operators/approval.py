@@ -42,7 +42,7 @@ APPROVE = "Approve"
 REJECT = "Reject"
 #: The operator method Airflow calls when the human-in-the-loop trigger fires.
 RESUME_METHOD = "resume_after_approval"
-# How often the trigger looks for an answer (Airflow's default is 5 s; approvals are not urgent to the second).
+# How often the trigger (3.1/3.2) looks for an answer: Airflow's default (approvals take minutes, not ms).
 _POKE_INTERVAL_SECONDS = 5.0
 
 
@@ -54,7 +54,7 @@ def _supported(function: Callable[..., Any], arguments: dict[str, Any]) -> dict[
     return {name: value for name, value in arguments.items() if name in parameters}
 
 
-def _task_awaiting_input() -> type[BaseException] | None:
+def _task_awaiting_input() -> Callable[..., BaseException] | None:
     """Airflow 3.3+'s signal that parks a task until a human answers; None on older lines (they defer)."""
     try:
         from airflow.sdk.exceptions import TaskAwaitingInput
@@ -72,7 +72,8 @@ def approval_request_text(needed: ApprovalRequired, context: Context) -> tuple[s
     what = describe(needed.action, needed.resource)
     subject = f"Approve {what} for {ti.dag_id}.{ti.task_id}?"
     lines = [
-        f"The governance policy (rule `{needed.rule}`) requires a human to approve **{what}** before it runs.",
+        f"The governance policy (rule `{needed.rule}`) requires a human to approve **{what}** "
+        "before it runs.",
         "",
         f"- DAG: `{ti.dag_id}`, task: `{ti.task_id}`, run: `{ti.run_id}`"
         + (f", map index {ti.map_index}" if getattr(ti, "map_index", -1) not in (None, -1) else ""),
@@ -88,10 +89,8 @@ def approval_request_text(needed: ApprovalRequired, context: Context) -> tuple[s
 
 
 class ApprovalByPolicy:
-    """Mix into a governed operator (before ``BaseOperator``) that has a ``governance`` hook; run the work
-    with ``self.with_approval(context, work)``."""
-
-    governance: GovernanceHook
+    """Mix into a governed operator (before ``BaseOperator``) that has a ``governance`` attribute (its
+    :class:`GovernanceHook`); run the work with ``self.with_approval(context, work)``."""
 
     def with_approval(self, context: Context, work: Callable[[], T]) -> T:
         """Run ``work``; when the policy wants an approval first, ask for it and defer."""
@@ -166,14 +165,18 @@ class ApprovalByPolicy:
         getattr(self, "defer")(trigger=trigger, method_name=RESUME_METHOD, kwargs=resume_kwargs)  # noqa: B009
 
     def resume_after_approval(
-        self, context: Context, event: Mapping[str, Any] | None = None, approval: Mapping[str, Any] | None = None
+        self,
+        context: Context,
+        event: Mapping[str, Any] | None = None,
+        approval: Mapping[str, Any] | None = None,
     ) -> Any:
         """Called by Airflow with the human's answer: audit it, then run again or fail without retries."""
         if approval is None:
             raise AirflowFailException("resumed without the approval request it answers; nothing was run")
         event = dict(event or {})
         answer, approver, why = _read_answer(event, context, approval)
-        governor = self.governance.governor
+        hook: GovernanceHook = getattr(self, "governance")  # noqa: B009  # the operator's own hook
+        governor = hook.governor
         subject = GovernanceHook.subject_from_context(context)
         record = record_answer(
             governor,

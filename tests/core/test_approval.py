@@ -92,7 +92,7 @@ def test_require_approval_is_validated_strictly():
     assert "did you mean 'approvers'" in bad("      - {tools: [b], approvers: [x], approver: y}\n")
 
 
-# -- the engine ------------------------------------------------------------------------------------------------
+# -- the engine ----------------------------------------------------------------------------------------------
 
 
 def test_the_engine_says_which_actions_need_approval_and_by_whom():
@@ -233,7 +233,7 @@ def test_an_unpriced_model_under_a_cost_threshold_needs_approval(setup: Setup):
     assert setup.paid() == 0
 
 
-# -- tools -----------------------------------------------------------------------------------------------------
+# -- tools ---------------------------------------------------------------------------------------------------
 
 
 class RefundArgs(BaseModel):

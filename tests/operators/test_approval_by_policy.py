@@ -49,7 +49,8 @@ class Api:
         """The open HITL request of the DAG's task, once the task has written it."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            response = self.call("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/~/hitlDetails?response_received=false")
+            path = f"/api/v2/dags/{DAG_ID}/dagRuns/~/hitlDetails?response_received=false"
+            response = self.call("GET", path)
             if response.status_code == 200:
                 details = response.json()["hitl_details"]
                 if details:

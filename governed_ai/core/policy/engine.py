@@ -242,6 +242,7 @@ class _CompiledApproval:
     @classmethod
     def compile(cls, rule: str, requirement: ApprovalRequirement) -> _CompiledApproval:
         action: ApprovalAction
+        names: list[str] | None
         if requirement.tools is not None:
             action, names = "tool", requirement.tools
         elif requirement.collection_writes is not None:

@@ -31,6 +31,9 @@ APPROVAL_GRANTED = "approval.granted"
 APPROVAL_REJECTED = "approval.rejected"
 
 Answer = Literal["approved", "rejected", "timed_out"]
+#: Context key the operators set when a try resumes after an approval: its governed client then replays
+#: what the same try completed before it waited (that part ran in a worker process that has ended).
+RESUMED_AFTER_APPROVAL = "governed_ai_resumed_after_approval"
 
 
 class ApprovalGate:

@@ -170,6 +170,9 @@ class GovernedClient:
     :param budget_wait_seconds: how long a request may wait for held budget to clear (see BudgetGate).
     :param on_wait: receives progress lines while a request waits for budget (the task log).
     :param tokenizer: the connection's ``tokenizer`` setting (how prompt tokens are counted).
+    :param replay_current_try: also replay what this try completed before: set when the try resumes after
+        waiting for an approval (its earlier part ran in a process that has ended), so the re-run pays
+        nothing twice.
     """
 
     def __init__(
@@ -187,6 +190,7 @@ class GovernedClient:
         budget_wait_seconds: float = DEFAULT_WAIT_SECONDS,
         on_wait: Callable[[str], None] | None = None,
         tokenizer: str | None = None,
+        replay_current_try: bool = False,
     ) -> None:
         self._settings: dict[str, Any] = {
             "connection_id": connection_id,
@@ -198,6 +202,7 @@ class GovernedClient:
             "budget_wait_seconds": budget_wait_seconds,
             "on_wait": on_wait,
             "tokenizer": tokenizer,
+            "replay_current_try": replay_current_try,
         }
         self.governor = governor
         self.transport = transport
@@ -846,7 +851,9 @@ class GovernedClient:
                 earlier = self._earlier.get(scope)
                 if earlier is None:
                     earlier = await asyncio.to_thread(
-                        self._journals[scope].earlier_steps, self._instance, self.subject.try_number
+                        self._journals[scope].earlier_steps,
+                        self._instance,
+                        self.subject.try_number + (1 if self._settings["replay_current_try"] else 0),
                     )
                     self._earlier[scope] = earlier
         # Only what an earlier try paid for is replayed: the same question asked twice within one try (an

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from airflow.providers.common.compat.sdk import AirflowFailException
 
-from governed_ai.core.approval import Answer, describe, record_answer
+from governed_ai.core.approval import RESUMED_AFTER_APPROVAL, Answer, describe, record_answer
 from governed_ai.core.errors import ApprovalRequired
 from governed_ai.hooks.governance import GovernanceHook
 
@@ -193,6 +193,7 @@ class ApprovalByPolicy:
             ti = context["ti"]
             raise AirflowFailException(f"{ti.task_id}: denied by governance: {record.error}{why}")
         getattr(self, "log").info("%s approved by %s; running", what, approver)  # noqa: B009
+        context[RESUMED_AFTER_APPROVAL] = True  # type: ignore[literal-required]  # replay what this try paid
         return getattr(self, "execute")(context)  # noqa: B009  # the whole execute, now approved
 
 

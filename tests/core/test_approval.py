@@ -128,17 +128,17 @@ class Setup:
         )  # fmt: skip
         self.server = server
 
-    def client(self, subject: Subject = SUBJECT) -> GovernedClient:
+    def client(self, subject: Subject = SUBJECT, **options: Any) -> GovernedClient:
         settings = LLMConnectionSettings.model_validate(
             {"base_url": self.server.base_url, "api_key": "k", "max_retries": 0}
         )
         return GovernedClient(
             self.governor, ModelTransport(settings, connection_id="llm"), subject, connection_id="llm",
-            prices=PRICES,
+            prices=PRICES, **options,
         )  # fmt: skip
 
-    def chat(self, model: str, subject: Subject = SUBJECT, max_tokens: int = 50) -> Any:
-        with self.client(subject) as client:
+    def chat(self, model: str, subject: Subject = SUBJECT, max_tokens: int = 50, **options: Any) -> Any:
+        with self.client(subject, **options) as client:
             return client.chat(
                 ChatRequest(messages=[{"role": "user", "content": "[key=k1] hello"}], model=model,
                             max_tokens=max_tokens)
@@ -231,6 +231,23 @@ def test_an_unpriced_model_under_a_cost_threshold_needs_approval(setup: Setup):
         setup.chat("unpriced-model")
     assert raised.value.estimated_cost_usd is None and raised.value.approvers == ("finance", "cfo")
     assert setup.paid() == 0
+
+
+def test_a_try_resumed_after_approval_replays_what_it_paid_before_it_waited(setup: Setup):
+    # One try (waiting for a person starts no new one): a cheap call, then one that needs approval.
+    setup.chat("cheap-model")
+    with pytest.raises(ApprovalRequired):
+        setup.chat("frontier-large")
+    record_answer(
+        setup.governor, SUBJECT, action="model", resource="llm/frontier-large",
+        rule="frontier-needs-approval", answer="approved", approver="cfo",
+    )  # fmt: skip
+    # The resumed execute runs everything again: the cheap call comes from the journal, not the endpoint.
+    assert setup.chat("cheap-model", replay_current_try=True).replayed
+    assert not setup.chat("frontier-large", replay_current_try=True).replayed
+    assert setup.paid() == 2
+    # Without the resume marker the same try asks again (a repeated question within one try is asked).
+    assert not setup.chat("cheap-model").replayed and setup.paid() == 3
 
 
 # -- tools ---------------------------------------------------------------------------------------------------

@@ -101,23 +101,24 @@ class ApprovalGate:
 
     def granted(self, action: str, resource: str) -> bool:
         """Whether the audit trail holds an approval of ``resource`` for this task instance."""
-        if (action, resource) in self._granted:
-            return True
-        for record in self.governor.audit.query(
-            dag_id=self.subject.dag_id,
-            run_id=self.subject.run_id,
-            task_id=self.subject.task_id,
-            action=APPROVAL_GRANTED,
-            limit=None,
-        ):
-            if (
-                record.map_index == self.subject.map_index
-                and record.resource == resource
-                and record.extra.get("for") == action
-            ):
-                self._granted.add((action, resource))
-                return True
-        return False
+        if (action, resource) not in self._granted and (action, resource) in self.recorded(APPROVAL_GRANTED):
+            self._granted.add((action, resource))
+        return (action, resource) in self._granted
+
+    def recorded(self, record_action: str) -> set[tuple[str, str]]:
+        """``(action, resource)`` of this task instance's records of ``record_action`` (e.g. every
+        ``approval.requested``)."""
+        return {
+            (str(record.extra.get("for")), record.resource or "")
+            for record in self.governor.audit.query(
+                dag_id=self.subject.dag_id,
+                run_id=self.subject.run_id,
+                task_id=self.subject.task_id,
+                action=record_action,
+                limit=None,
+            )
+            if record.map_index == self.subject.map_index
+        }
 
 
 def describe(action: str, resource: str) -> str:

@@ -29,7 +29,16 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from airflow.providers.common.compat.sdk import AirflowFailException
 
-from governed_ai.core.approval import RESUMED_AFTER_APPROVAL, Answer, describe, record_answer
+from governed_ai.core.approval import (
+    APPROVAL_REJECTED,
+    APPROVAL_REQUESTED,
+    RESUMED_AFTER_APPROVAL,
+    Answer,
+    ApprovalGate,
+    describe,
+    record_answer,
+)
+from governed_ai.core.audit import AuditRecord
 from governed_ai.core.errors import ApprovalRequired
 from governed_ai.hooks.governance import GovernanceHook
 
@@ -111,6 +120,7 @@ class ApprovalByPolicy:
         from airflow.sdk.execution_time.hitl import upsert_hitl_detail
 
         ti = context["ti"]
+        self._refuse_a_second_request(context, needed)
         subject, body = approval_request_text(needed, context)
         upsert_hitl_detail(
             **_supported(
@@ -163,6 +173,31 @@ class ApprovalByPolicy:
             )
         )
         getattr(self, "defer")(trigger=trigger, method_name=RESUME_METHOD, kwargs=resume_kwargs)  # noqa: B009
+
+    def _refuse_a_second_request(self, context: Context, needed: ApprovalRequired) -> None:
+        """Airflow keeps one human-in-the-loop request per task instance: asking again for something else
+        would show the approver the first request's text and assignees. Fail, audited, instead."""
+        hook: GovernanceHook = getattr(self, "governance")  # noqa: B009  # the operator's own hook
+        subject = GovernanceHook.subject_from_context(context)
+        gate = ApprovalGate(hook.governor, subject)
+        others = gate.recorded(APPROVAL_REQUESTED) - {(needed.action, needed.resource)}
+        if not others:
+            return
+        first = ", ".join(sorted(describe(action, resource) for action, resource in others))
+        message = (
+            f"{describe(needed.action, needed.resource)} needs an approval, but this task instance already "
+            f"asked for one ({first}); Airflow keeps one human-in-the-loop request per task instance, so the "
+            "approver would see the earlier request. Nothing was run. Put the actions that need different "
+            "approvals in separate tasks."
+        )
+        hook.governor.record(
+            AuditRecord.for_subject(
+                subject, action=APPROVAL_REJECTED, resource=needed.resource, decision="deny",
+                rule=needed.rule, outcome="second_request", error=message,
+                extra={"for": needed.action, "approver": None},
+            )
+        )  # fmt: skip
+        raise AirflowFailException(f"{context['ti'].task_id}: denied by governance: {message}")
 
     def resume_after_approval(
         self,

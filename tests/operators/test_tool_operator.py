@@ -256,11 +256,14 @@ def test_a_call_cut_off_mid_way_is_in_doubt_and_not_repeated(effects):
 
 # -- approval by policy ------------------------------------------------------------------------------------
 
-APPROVAL_POLICY = POLICY + """  - name: refunds-need-approval
+APPROVAL_POLICY = (
+    POLICY
+    + """  - name: refunds-need-approval
     match: {dag_id: unit_dag}
     require_approval:
       - {tools: [issue_refund], approvers: [support-lead], timeout_minutes: 15}
 """
+)
 
 
 @dataclass(frozen=True)

@@ -187,8 +187,8 @@ def test_a_write_the_policy_wants_approved_waits_for_it_and_writes_nothing_befor
     from governed_ai.core.errors import ApprovalRequired
 
     needs_approval = POLICY + (
-        "  - name: prod-writes-approved\n    match: {dag_id: \"ingest_*\"}\n"
-        f"    require_approval: [{{collection_writes: [\"{collection_name}\"], approvers: [kb-owner]}}]\n"
+        '  - name: prod-writes-approved\n    match: {dag_id: "ingest_*"}\n'
+        f'    require_approval: [{{collection_writes: ["{collection_name}"], approvers: [kb-owner]}}]\n'
     )
     governor = Governor(policy=PolicyProvider(text=needs_approval), ledger=BudgetLedger(engine), audit=audit)
     retrieval = GovernedRetrieval(governor, store)

@@ -13,7 +13,8 @@ The answer is written to the audit trail (hash-chained, so it cannot be edited u
 ``approval.granted`` (decision ``allow``) or ``approval.rejected`` (decision ``deny``; outcome
 ``rejected`` or ``timed_out``), with the approver. An approval holds for one resource of one task
 instance (dag, run, task, map index) and every try of it: the resumed ``execute`` finds it, and the replay
-journal makes that re-run pay nothing twice. Airflow-free.
+journal makes that re-run pay nothing twice. A rejection holds as long: a later try of the task instance
+(a retry, a clear) is denied without asking again; a new DAG run asks again. Airflow-free.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from governed_ai.core.audit import AuditRecord
-from governed_ai.core.errors import ApprovalRequired
+from governed_ai.core.errors import ApprovalRequired, GovernanceDenied
 from governed_ai.core.governor import Governor
 from governed_ai.core.policy import ApprovalAction, ApprovalNeed
 from governed_ai.core.subject import Subject
@@ -70,6 +71,20 @@ class ApprovalGate:
         shown = resource or name
         if self.granted(action, shown):
             return
+        if (action, shown) in self.recorded(APPROVAL_REJECTED):
+            # "No" holds for the task instance: a retry (or a clear) must not ask until someone says yes.
+            denial = (
+                f"{describe(action, shown)} was rejected (or not approved in time) earlier in this task "
+                f"instance (policy rule {need.rule!r}); nothing was reserved, paid or run. A new DAG run "
+                "asks again."
+            )
+            self.governor.record(
+                AuditRecord.for_subject(
+                    self.subject, action=APPROVAL_REJECTED, resource=shown, decision="deny", rule=need.rule,
+                    outcome="rejected_before", error=denial, extra={"for": action, "approver": None},
+                )
+            )  # fmt: skip
+            raise GovernanceDenied(denial, action=f"{action}.approval", resource=shown, rule=need.rule)
         cost = "" if estimated_cost_usd is None else f", estimated at most ${estimated_cost_usd:.4f}"
         message = (
             f"{describe(action, shown)}{cost} needs a human's approval (policy rule {need.rule!r}; "

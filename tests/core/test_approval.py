@@ -214,8 +214,13 @@ def test_a_rejection_is_an_audited_deny_and_grants_nothing(setup: Setup):
         approver=None,
     )  # fmt: skip
     assert timed_out.decision == "deny" and "not approved in time" in (timed_out.error or "")
+    # "No" holds for the task instance: its next try is denied (audited) instead of asking again.
+    with pytest.raises(GovernanceDenied, match="rejected .* earlier in this task instance"):
+        setup.chat("frontier-large", SUBJECT.model_copy(update={"try_number": 2}))
+    assert setup.records(APPROVAL_REJECTED)[-1].outcome == "rejected_before"
+    # A new run asks again.
     with pytest.raises(ApprovalRequired):
-        setup.chat("frontier-large")
+        setup.chat("frontier-large", SUBJECT.model_copy(update={"run_id": "run-2"}))
     assert setup.paid() == 0
 
 

@@ -71,6 +71,10 @@ def wait_for_request(server: Standalone, run_id: str, timeout_s: float = 180) ->
             detail = server.request("GET", hitl_path(run_id))
             ti = server.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{TASK_ID}")
             if detail and ti["state"] in ("awaiting_input", "deferred"):
+                # Answer like a person, not within the same second: Airflow 3.3.2 races an answer that
+                # arrives before the scheduler has processed the parked workload's exit (it then marks
+                # the resumed try up_for_retry: "finished with state success, but ... state is queued").
+                time.sleep(10)
                 return {**detail, "state": ti["state"]}
         except urllib.error.HTTPError as error:
             if error.code != 404:  # 404 until the task has asked

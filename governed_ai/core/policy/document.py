@@ -104,8 +104,10 @@ Semantics worth knowing when writing a policy:
   the approvers and the timeout. The task asks through Airflow's human-in-the-loop mechanism (Airflow
   3.1+; deferred, it holds no worker slot) before anything is reserved, paid or run; an approval holds for
   that resource for the rest of the task instance (its retries included), a rejection or no answer within
-  ``timeout_minutes`` fails the task without retries. Every answer is audited (``approval.granted`` /
-  ``approval.rejected``) with the approver.
+  ``timeout_minutes`` fails the task without retries (and a later try of that task instance is denied
+  without asking; a new run asks again). Every answer is audited (``approval.granted`` /
+  ``approval.rejected``) with the approver. A task instance asks for one approval: one that needs a second,
+  different one fails (Airflow keeps one human-in-the-loop request per task instance).
 """
 
 from __future__ import annotations

@@ -42,6 +42,7 @@ from typing import Any, TypeVar
 import numpy as np
 import orjson
 
+from governed_ai.core.approval import ApprovalGate
 from governed_ai.core.audit import AuditRecord
 from governed_ai.core.budget import DEFAULT_WAIT_SECONDS, BudgetGate
 from governed_ai.core.chat import ChatRequest, ChatResult, Message, Verdict
@@ -189,6 +190,9 @@ class GovernedClient:
     :param budget_wait_seconds: how long a request may wait for held budget to clear (see BudgetGate).
     :param on_wait: receives progress lines while a request waits for budget (the task log).
     :param tokenizer: the connection's ``tokenizer`` setting (how prompt tokens are counted).
+    :param replay_current_try: also replay what this try completed before: set when the try resumes after
+        waiting for an approval (its earlier part ran in a process that has ended), so the re-run pays
+        nothing twice.
     """
 
     def __init__(
@@ -206,6 +210,7 @@ class GovernedClient:
         budget_wait_seconds: float = DEFAULT_WAIT_SECONDS,
         on_wait: Callable[[str], None] | None = None,
         tokenizer: str | None = None,
+        replay_current_try: bool = False,
     ) -> None:
         self._settings: dict[str, Any] = {
             "connection_id": connection_id,
@@ -217,6 +222,7 @@ class GovernedClient:
             "budget_wait_seconds": budget_wait_seconds,
             "on_wait": on_wait,
             "tokenizer": tokenizer,
+            "replay_current_try": replay_current_try,
         }
         self.governor = governor
         self.transport = transport
@@ -250,6 +256,7 @@ class GovernedClient:
         self._earlier: dict[str, tuple[set[str], dict[str, int]]] = {}
         self._earlier_lock = asyncio.Lock()
         self._allowed_recorded: set[tuple[str, str, str]] = set()
+        self.approvals = ApprovalGate(governor, subject)
         self._loop: _LoopThread | None = None
         self._loop_lock = threading.Lock()
         self.paid_requests = 0
@@ -549,9 +556,11 @@ class GovernedClient:
         prompt_estimate = count_messages(self._counter, body["messages"])
         await self._check_input_size(prompt_estimate, resource, model, decision, prompt_version, item_key)
         completion_cap = int(body.get("max_tokens") or DEFAULT_COMPLETION_RESERVE)
+        worst_cost = self.prices.cost(model, prompt_estimate, completion_cap)
+        await self._check_approval(model, resource, worst_cost)
         ticket = await self.budget.take(
             prompt_estimate + completion_cap,
-            self.prices.cost(model, prompt_estimate, completion_cap),
+            worst_cost,
             resource=resource,
             model=model,
             priced=self.prices.has_price(model),
@@ -708,9 +717,10 @@ class GovernedClient:
         await self._reconcile()
         estimate = sum(self._counter.count(text) for text in inputs)
         await self._check_input_size(estimate, resource, model, decision, None, item_key)
+        worst_cost = self.prices.cost(model, estimate, 0)
+        await self._check_approval(model, resource, worst_cost)
         ticket = await self.budget.take(
-            estimate, self.prices.cost(model, estimate, 0), resource=resource, model=model,
-            priced=self.prices.has_price(model),
+            estimate, worst_cost, resource=resource, model=model, priced=self.prices.has_price(model),
         )  # fmt: skip
         label = f"embed {model}"
         await self.writer.write(
@@ -816,6 +826,16 @@ class GovernedClient:
                 )
             self._reconciled = True
 
+    async def _check_approval(self, model: str, resource: str, worst_cost: float) -> None:
+        """Raise :class:`~governed_ai.core.errors.ApprovalRequired` (audited) before anything is reserved or
+        sent when the policy wants a human to approve this call and none has for this task instance."""
+        if not self.approvals.may_need("model"):
+            return
+        estimate = worst_cost if self.prices.has_price(model) else None  # no price: no estimate
+        await asyncio.to_thread(
+            self.approvals.check, "model", model, resource=resource, estimated_cost_usd=estimate
+        )
+
     async def _check_input_size(
         self,
         prompt_tokens: int,
@@ -914,7 +934,9 @@ class GovernedClient:
                 earlier = self._earlier.get(scope)
                 if earlier is None:
                     earlier = await asyncio.to_thread(
-                        self._journals[scope].earlier_steps, self._instance, self.subject.try_number
+                        self._journals[scope].earlier_steps,
+                        self._instance,
+                        self.subject.try_number + (1 if self._settings["replay_current_try"] else 0),
                     )
                     self._earlier[scope] = earlier
         # Only what an earlier try paid for is replayed: the same question asked twice within one try (an

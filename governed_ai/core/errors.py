@@ -52,6 +52,58 @@ class UnpricedModel(GovernanceDenied):
     """The model has no price, and a budget with a cost limit applies: its cost could never be counted."""
 
 
+class ApprovalRequired(GovernedAIError):
+    """The policy requires a human to approve this action first; nothing was reserved, paid or run.
+
+    Operators answer it by asking through Airflow's human-in-the-loop mechanism and deferring; raised
+    anywhere else (a DAG's own code), the task fails without retries, because a retry cannot approve.
+    ``action`` is ``model``, ``tool`` or ``collection.write``; ``resource`` is what to approve (the
+    connection/model, the tool, the collection); ``estimated_cost_usd`` is a model call's worst case (None:
+    not a model call, or a model without a price).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        action: str,
+        resource: str,
+        rule: str,
+        approvers: tuple[str, ...],
+        timeout_minutes: int,
+        estimated_cost_usd: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.action = action
+        self.resource = resource
+        self.rule = rule
+        self.approvers = tuple(approvers)
+        self.timeout_minutes = timeout_minutes
+        self.estimated_cost_usd = estimated_cost_usd
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (
+            _rebuild_approval,
+            (str(self), self.action, self.resource, self.rule, self.approvers, self.timeout_minutes,
+             self.estimated_cost_usd),
+        )  # fmt: skip
+
+
+def _rebuild_approval(
+    message: str,
+    action: str,
+    resource: str,
+    rule: str,
+    approvers: tuple[str, ...],
+    timeout_minutes: int,
+    estimated_cost_usd: float | None,
+) -> ApprovalRequired:
+    return ApprovalRequired(
+        message, action=action, resource=resource, rule=rule, approvers=approvers,
+        timeout_minutes=timeout_minutes, estimated_cost_usd=estimated_cost_usd,
+    )  # fmt: skip
+
+
 class GovernanceUnavailable(GovernedAIError):
     """Governance could not decide (the store was unreachable): the call was not made. A retry may work."""
 

@@ -13,6 +13,7 @@ from airflow.providers.common.compat.sdk import AirflowNotFoundException, BaseHo
 from airflow.providers.common.compat.version_compat import AIRFLOW_V_3_2_PLUS
 from pydantic import BaseModel, ConfigDict
 
+from governed_ai.core.approval import RESUMED_AFTER_APPROVAL
 from governed_ai.core.audit import ANCHOR_EVERY_RECORDS, ANCHOR_EVERY_SECONDS, AuditStore
 from governed_ai.core.audit_anchors import AnchorLog
 from governed_ai.core.budget import DEFAULT_WAIT_SECONDS
@@ -280,7 +281,9 @@ class GovernanceHook(BaseHook):
         """The governed client for the running task and an LLM connection: the one way to call a model.
 
         Use it as a context manager (``with hook.governed_client(context) as client: ...``): closing it
-        settles the task's budget blocks and flushes its journal and audit writes.
+        settles the task's budget blocks and flushes its journal and audit writes. A try that resumes after
+        an approval (:mod:`governed_ai.operators.approval` marks its context) replays what it completed
+        before it waited.
         """
         llm = LLMHook(llm_conn_id=llm_conn_id)
         settings = llm.settings
@@ -301,6 +304,7 @@ class GovernanceHook(BaseHook):
             budget_wait_seconds=budget_wait_seconds,
             on_wait=on_wait if on_wait is not None else self.log.info,
             tokenizer=settings.tokenizer,
+            replay_current_try=bool(context.get(RESUMED_AFTER_APPROVAL)),
         )
 
     def openai_client(

@@ -27,6 +27,7 @@ from governed_ai.core.untrusted import UntrustedText
 from governed_ai.core.xcom import ai_xcom, governance_xcom
 from governed_ai.hooks.governance import GovernanceHook
 from governed_ai.hooks.llm import LLMHook
+from governed_ai.operators.approval import ApprovalByPolicy
 from governed_ai.operators.errors import airflow_errors
 from governed_ai.operators.lineage import operator_lineage
 from governed_ai.operators.tool import replay_journal, resolve_tools
@@ -41,7 +42,7 @@ class AgentIncomplete(RuntimeError):
     with side effects that completed are replayed from the journal on the retry, not repeated."""
 
 
-class AgentOperator(BaseOperator):
+class AgentOperator(ApprovalByPolicy, BaseOperator):
     """Let a model work on a task with tools, in a bounded loop where governance has the last word.
 
     Each step the model either calls a tool or gives its final answer. Every model call goes through the
@@ -51,7 +52,10 @@ class AgentOperator(BaseOperator):
     arguments and tool exceptions go back to the model as errors, up to ``max_tool_errors``. Tool results
     reach the model redacted and wrapped as untrusted data. Side-effecting calls are journaled, so a retry
     of the task replays completed calls instead of repeating them. When the policy redacts model outputs,
-    the tool choice (arguments included) is redacted like any other output before a tool sees it.
+    the tool choice (arguments included) is redacted like any other output before a tool sees it. A tool or
+    model call that a policy rule's ``require_approval`` names makes the task wait for an approver through
+    Airflow's human-in-the-loop (:mod:`governed_ai.operators.approval`); approved, the loop runs again with
+    the steps already paid replayed from the journal; rejected, the task fails without retries.
 
     Two ways for the model to choose:
 
@@ -200,6 +204,9 @@ class AgentOperator(BaseOperator):
         return [UntrustedText(text=item, source=f"context {i + 1}") for i, item in enumerate(items)]
 
     def execute(self, context: Context) -> dict[str, Any]:
+        return self.with_approval(context, lambda: self._run(context))
+
+    def _run(self, context: Context) -> dict[str, Any]:
         with airflow_errors(self.task_id):
             if not str(self.prompt).strip():
                 raise InvalidInput(f"{self.task_id}: 'prompt' rendered to an empty string; nothing to do.")

@@ -18,6 +18,7 @@ from governed_ai.core.retrieval.embeddings import Embedder, GovernedEmbedder
 from governed_ai.core.retrieval.governed import GovernedRetrieval, IngestProgress, PurgeRequest
 from governed_ai.hooks.chroma import ChromaHook
 from governed_ai.hooks.governance import GovernanceHook
+from governed_ai.operators.approval import ApprovalByPolicy
 from governed_ai.operators.errors import airflow_errors
 from governed_ai.operators.lineage import operator_lineage
 from governed_ai.operators.storage import relative_name, storage_path
@@ -30,8 +31,13 @@ if TYPE_CHECKING:
 TEXT_SUFFIXES = frozenset({".txt", ".md", ".markdown", ".rst", ".text"})
 
 
-class _GovernedChromaOperator(BaseOperator):
-    """Shared wiring: the Chroma hook, the governance hook and the governed store they make together."""
+class _GovernedChromaOperator(ApprovalByPolicy, BaseOperator):
+    """Shared wiring: the Chroma hook, the governance hook and the governed store they make together.
+
+    A write (ingest, purge) to a collection, or an embedding model call, that a policy rule's
+    ``require_approval`` names makes the task wait for an approver through Airflow's human-in-the-loop
+    (:mod:`governed_ai.operators.approval`); a rejection fails it without retries.
+    """
 
     operator_extra_links = (AuditRecordsLink(),)
 
@@ -223,6 +229,9 @@ class ChromaIngestOperator(_GovernedChromaOperator):
         )
 
     def execute(self, context: Context) -> dict[str, Any]:
+        return self.with_approval(context, lambda: self._ingest(context))
+
+    def _ingest(self, context: Context) -> dict[str, Any]:
         documents = self.source_documents()
         if not documents:
             raise ValueError(f"{self.task_id}: nothing to ingest ('documents' rendered to an empty list).")
@@ -324,6 +333,9 @@ class ChromaQueryOperator(_GovernedChromaOperator):
         return queries, single
 
     def execute(self, context: Context) -> dict[str, Any] | list[dict[str, Any]]:
+        return self.with_approval(context, lambda: self._query(context))
+
+    def _query(self, context: Context) -> dict[str, Any] | list[dict[str, Any]]:
         with airflow_errors(self.task_id):
             queries, single = self.rendered_queries()
             with self.retrieval(context) as retrieval:
@@ -419,6 +431,9 @@ class ChromaPurgeOperator(_GovernedChromaOperator):
         )
 
     def execute(self, context: Context) -> dict[str, Any]:
+        return self.with_approval(context, lambda: self._purge(context))
+
+    def _purge(self, context: Context) -> dict[str, Any]:
         with airflow_errors(self.task_id), self.retrieval(context, embed=False) as retrieval:
             request = self.purge_request()
             deleted = retrieval.purge(self.governance.subject_from_context(context), self.collection, request)

@@ -15,6 +15,7 @@ from governed_ai.core.prompt_version import prompt_version
 from governed_ai.core.structured_output import ensure_schema_model
 from governed_ai.hooks.governance import GovernanceHook
 from governed_ai.hooks.llm import LLMHook
+from governed_ai.operators.approval import ApprovalByPolicy
 from governed_ai.operators.errors import airflow_errors
 from governed_ai.operators.lineage import operator_lineage
 from governed_ai.plugins.links import AuditRecordsLink
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
 
 
-class LLMOperator(BaseOperator):
+class LLMOperator(ApprovalByPolicy, BaseOperator):
     """Send one prompt (or a conversation) to an OpenAI-compatible model and push the result to XCom.
 
     Every call goes through the governance layer: the policy must grant the model to this DAG/task (or
@@ -31,6 +32,12 @@ class LLMOperator(BaseOperator):
     cost is reserved against the applicable budgets and settled with the actual usage, prompts and
     outputs are redacted as the policy says, and every decision and call is written to the audit trail.
     A denial fails the task without retries (``AirflowFailException``) and names the rule to change.
+
+    **Approval by policy.** When a policy rule's ``require_approval`` names the model, or the call's
+    estimated worst-case cost is above its threshold, the task asks the policy's approvers through Airflow's
+    human-in-the-loop (Airflow 3.1+) before anything is reserved or paid, and waits deferred. Approved: the
+    call runs (the answer and the approver are audited); rejected or not answered in time: the task fails
+    without retries. See :mod:`governed_ai.operators.approval`.
 
     **Nothing paid twice.** Every request (the first one and each repair) is journaled before the task
     goes on. When Airflow retries the task, whatever failed (validation, a later step, a crash), requests
@@ -147,6 +154,9 @@ class LLMOperator(BaseOperator):
         return build_messages(self.prompt, self.system_prompt, self.messages)
 
     def execute(self, context: Context) -> dict[str, Any]:
+        return self.with_approval(context, lambda: self._call_model(context))
+
+    def _call_model(self, context: Context) -> dict[str, Any]:
         with airflow_errors(self.task_id):
             request = ChatRequest(
                 messages=self.rendered_messages(),

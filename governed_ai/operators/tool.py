@@ -17,6 +17,7 @@ from governed_ai.core.tools import (
     default_registry,
 )
 from governed_ai.hooks.governance import GovernanceHook
+from governed_ai.operators.approval import ApprovalByPolicy
 from governed_ai.operators.errors import airflow_errors
 from governed_ai.operators.lineage import operator_lineage
 from governed_ai.plugins.links import AuditRecordsLink
@@ -60,7 +61,7 @@ def resolve_tools(
     return resolved
 
 
-class ToolOperator(BaseOperator):
+class ToolOperator(ApprovalByPolicy, BaseOperator):
     """Run one named tool with templated arguments, under governance, and push its result to XCom.
 
     The arguments are rendered, validated against the tool's pydantic model (readable errors), and the
@@ -68,7 +69,9 @@ class ToolOperator(BaseOperator):
     side effects is journaled under an idempotency key (dag, run, task, map index, tool, argument hash): when
     Airflow retries the task after the call completed, the result is replayed from the journal instead of
     repeating the effect; a call an earlier try started but never finished is not repeated unless the tool
-    is idempotent (the task fails, asking a human to check). Every decision and call is audited.
+    is idempotent (the task fails, asking a human to check). Every decision and call is audited. When a
+    policy rule's ``require_approval`` names the tool, the task first waits for an approver through Airflow's
+    human-in-the-loop (see :mod:`governed_ai.operators.approval`); a rejection fails it without retries.
 
     A denial, invalid arguments or an in-doubt call fail the task without retries
     (``AirflowFailException``): retrying cannot change them. An exception raised by the tool fails the
@@ -117,6 +120,9 @@ class ToolOperator(BaseOperator):
             return GovernanceHook(governance_conn_id=self.governance_conn_id)
 
     def execute(self, context: Context) -> dict[str, Any]:
+        return self.with_approval(context, lambda: self._run(context))
+
+    def _run(self, context: Context) -> dict[str, Any]:
         if not isinstance(self.arguments, dict):
             raise AirflowFailException(
                 f"{self.task_id}: 'arguments' rendered to {type(self.arguments).__name__}, expected a dict."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
@@ -151,3 +152,62 @@ def test_prompt_is_redacted_before_it_leaves(fake):
     sent = fake.chat_requests[0]["messages"][-1]["content"]
     assert "jane.doe@example.com" not in sent and "4111" not in sent
     assert "[REDACTED:EMAIL]" in sent
+
+
+# -- approval by policy: the answer as Airflow hands it to the resumed task --------------------------------
+
+APPROVAL_POLICY = POLICY.replace(
+    "budgets:",
+    "  - name: unit-approval\n    match: {dag_id: unit_dag}\n"
+    "    require_approval:\n      - {models: [fake-model], approvers: [alice]}\nbudgets:",
+)
+ASKED = {"action": "model", "resource": "test_llm/fake-model", "rule": "unit-approval",
+         "approvers": ["alice"], "estimated_cost_usd": None}  # fmt: skip
+
+
+@pytest.fixture
+def approval_fake(monkeypatch: pytest.MonkeyPatch, governance_policy) -> Iterator[FakeOpenAIServer]:
+    governance_policy(APPROVAL_POLICY)
+    with FakeOpenAIServer(models=("fake-model",)) as server:
+        monkeypatch.setenv("AIRFLOW_CONN_TEST_LLM", server.connection_json(default_model="fake-model"))
+        yield server
+
+
+def approval_records(operator: LLMOperator) -> list[Any]:
+    return [r for r in operator.governance.governor.audit.query(order="asc", limit=None)
+            if r.action.startswith("approval.")]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("event", "outcome", "approver", "message"),
+    [
+        ({"error": "no answer", "error_type": "timeout"}, "timed_out", None, "not approved in time"),
+        ({"chosen_options": ["Reject"], "responded_by_user": {"id": "alice", "name": "alice"}}, "rejected",
+         "alice", "rejected by alice"),
+        # Airflow checks assigned users on its REST API; the operator checks the policy's list again.
+        ({"chosen_options": ["Approve"], "responded_by_user": {"id": "mallory", "name": "mallory"}},
+         "rejected", "mallory", "not one of the policy's approvers"),
+        ({"chosen_options": ["Approve"], "responded_by_user": None, "timedout": True}, "timed_out", None,
+         "not approved in time"),
+    ],
+)  # fmt: skip
+def test_a_resumed_task_without_a_valid_approval_fails_for_good_and_is_audited(
+    approval_fake, event, outcome, approver, message
+):
+    operator = LLMOperator(task_id="unit_task", prompt="hi", model="fake-model", llm_conn_id="test_llm")
+    with pytest.raises(AirflowFailException, match=message):
+        operator.resume_after_approval(fake_context(), event=event, approval=ASKED)
+    (record,) = approval_records(operator)
+    assert (record.action, record.decision, record.outcome) == ("approval.rejected", "deny", outcome)
+    assert record.extra["approver"] == approver
+    assert approval_fake.chat_requests == []
+
+
+def test_an_approved_resume_runs_the_call_and_audits_the_approver(approval_fake):
+    operator = LLMOperator(task_id="unit_task", prompt="hi", model="fake-model", llm_conn_id="test_llm")
+    event = {"chosen_options": ["Approve"], "responded_by_user": {"id": "alice", "name": "alice"}}
+    result = operator.resume_after_approval(fake_context(), event=event, approval=ASKED)
+    assert result["model"] == "fake-model" and len(approval_fake.chat_requests) == 1
+    (granted,) = approval_records(operator)
+    assert (granted.action, granted.decision) == ("approval.granted", "allow")
+    assert granted.extra["approver"] == "alice"

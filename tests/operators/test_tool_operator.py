@@ -6,6 +6,7 @@ functions that write what they do to a file, so side effects can be counted acro
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -251,3 +252,86 @@ def test_a_call_cut_off_mid_way_is_in_doubt_and_not_repeated(effects):
         op.execute(context=context(try_number=2))
     assert effects.lines() == ["refund AB123456 20.0"]
     assert [r.outcome for r in audit_records("tool.call")] == ["in_doubt"]
+
+
+# -- approval by policy ------------------------------------------------------------------------------------
+
+APPROVAL_POLICY = (
+    POLICY
+    + """  - name: refunds-need-approval
+    match: {dag_id: unit_dag}
+    require_approval:
+      - {tools: [issue_refund], approvers: [support-lead], timeout_minutes: 15}
+"""
+)
+
+
+@dataclass(frozen=True)
+class TaskInstanceWithId(FakeTaskInstance):
+    """The fake task instance with the id Airflow's human-in-the-loop request is keyed by."""
+
+    id: str = "01a2348a-609f-7051-9a1a-c254154e5cc5"
+
+
+def context_with_ti_id() -> dict[str, Any]:
+    return {"ti": TaskInstanceWithId(), "task": FakeTask(), "dag": FakeDag()}
+
+
+def test_a_tool_the_policy_wants_approved_asks_airflow_waits_and_runs_once_approved(
+    tmp_path: Path, governance_policy, monkeypatch: pytest.MonkeyPatch
+):
+    import airflow.sdk.execution_time.hitl as hitl
+    from airflow.sdk.exceptions import TaskAwaitingInput
+
+    governance_policy(APPROVAL_POLICY)
+    effects = Effects(tmp_path / "effects.log")
+    asked: list[dict[str, Any]] = []
+    # A recording stand-in for Airflow's writer of the HITL row (it talks to the task supervisor).
+    monkeypatch.setattr(hitl, "upsert_hitl_detail", lambda **request: asked.append(request))
+
+    ctx = context_with_ti_id()
+    op = ToolOperator(task_id="unit_task", tool="issue_refund", arguments={"order_id": "AB123456",
+                      "amount_eur": 40.0}, registry=effects.registry)  # fmt: skip
+    with pytest.raises(TaskAwaitingInput) as parked:
+        op.execute(context=ctx)  # type: ignore[arg-type]
+    assert effects.lines() == []  # nothing ran before the answer
+    (request,) = asked
+    assert request["options"] == ["Approve", "Reject"] and request["defaults"] is None
+    assert request["assigned_users"] == [{"id": "support-lead", "name": "support-lead"}]
+    assert "issue_refund" in request["subject"] and "AB123456" not in request["subject"] + request["body"]
+    assert parked.value.method_name == "resume_after_approval"
+    assert parked.value.timeout.total_seconds() == 15 * 60
+
+    lead = {"id": "support-lead", "name": "support-lead"}
+    event = {"chosen_options": ["Approve"], "responded_by_user": lead}
+    done = op.resume_after_approval(ctx, event=event, **parked.value.kwargs)  # type: ignore[arg-type]
+    assert done["replayed"] is False and effects.lines() == ["refund AB123456 40.0"]
+    # Resumed again (a retry of the task): the journal replays the refund, it is not repeated.
+    again = op.execute(context=ctx)  # type: ignore[arg-type]
+    assert again["replayed"] is True and effects.lines() == ["refund AB123456 40.0"]
+    actions = [(r.action, r.decision) for r in audit_records() if r.action.startswith("approval.")]
+    assert actions == [("approval.requested", "n/a"), ("approval.granted", "allow")]
+
+
+def test_a_second_different_approval_in_one_task_instance_is_refused_not_asked(
+    tmp_path: Path, governance_policy, monkeypatch: pytest.MonkeyPatch
+):
+    import airflow.sdk.execution_time.hitl as hitl
+    from airflow.sdk.exceptions import TaskAwaitingInput
+
+    governance_policy(APPROVAL_POLICY + "      - {tools: [lookup_order], approvers: [auditor]}\n")
+    effects = Effects(tmp_path / "effects.log")
+    asked: list[dict[str, Any]] = []
+    monkeypatch.setattr(hitl, "upsert_hitl_detail", lambda **request: asked.append(request))
+    refund = ToolOperator(task_id="unit_task", tool="issue_refund", arguments={"order_id": "AB123456",
+                          "amount_eur": 40.0}, registry=effects.registry)  # fmt: skip
+    with pytest.raises(TaskAwaitingInput):
+        refund.execute(context=context_with_ti_id())  # type: ignore[arg-type]
+    # The same task instance now needs another approval: Airflow would show the first request's text.
+    lookup = ToolOperator(task_id="unit_task", tool="lookup_order", arguments={"order_id": "AB123456"},
+                          registry=effects.registry)  # fmt: skip
+    with pytest.raises(AirflowFailException, match="already asked for one"):
+        lookup.execute(context=context_with_ti_id())  # type: ignore[arg-type]
+    assert len(asked) == 1 and effects.lines() == []
+    (refused,) = audit_records("approval.rejected")
+    assert (refused.resource, refused.decision, refused.outcome) == ("lookup_order", "deny", "second_request")

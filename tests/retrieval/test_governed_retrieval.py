@@ -178,3 +178,31 @@ def test_readiness_counts_and_freshness(retrieval, collection_name):
     assert not retrieval.readiness(READER, collection_name, newer_than=datetime.now(UTC) + timedelta(1))[0]
     with pytest.raises(GovernanceDenied):
         retrieval.readiness(STRANGER, collection_name)
+
+
+def test_a_write_the_policy_wants_approved_waits_for_it_and_writes_nothing_before(
+    store, audit, engine, collection_name
+):
+    from governed_ai.core.approval import record_answer
+    from governed_ai.core.errors import ApprovalRequired
+
+    needs_approval = POLICY + (
+        '  - name: prod-writes-approved\n    match: {dag_id: "ingest_*"}\n'
+        f'    require_approval: [{{collection_writes: ["{collection_name}"], approvers: [kb-owner]}}]\n'
+    )
+    governor = Governor(policy=PolicyProvider(text=needs_approval), ledger=BudgetLedger(engine), audit=audit)
+    retrieval = GovernedRetrieval(governor, store)
+    with pytest.raises(ApprovalRequired) as raised:
+        retrieval.ingest(WRITER, collection_name, DOCS)
+    assert (raised.value.action, raised.value.resource, raised.value.approvers) == (
+        "collection.write", collection_name, ("kb-owner",),
+    )  # fmt: skip
+    assert not store.exists(collection_name) and oldest_first(audit, "collection.ingest") == []
+    with pytest.raises(ApprovalRequired):  # purging is a write too
+        retrieval.purge(WRITER, collection_name, PurgeRequest(sources=["refunds.md"]))
+    record_answer(governor, WRITER, action="collection.write", resource=collection_name,
+                  rule="prod-writes-approved", answer="approved", approver="kb-owner")  # fmt: skip
+    assert retrieval.ingest(WRITER, collection_name, DOCS).new_chunks == 3
+    # Another run of the same task asks again.
+    with pytest.raises(ApprovalRequired):
+        retrieval.ingest(WRITER.model_copy(update={"run_id": "r2"}), collection_name, DOCS)

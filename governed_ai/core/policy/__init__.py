@@ -11,6 +11,7 @@ Typical use::
 from __future__ import annotations
 
 from governed_ai.core.policy.document import (
+    ApprovalRequirement,
     ArgumentConstraint,
     Budget,
     BudgetSwitch,
@@ -29,6 +30,8 @@ from governed_ai.core.policy.engine import (
     STRICTEST_REDACTION,
     Action,
     ApplicableBudget,
+    ApprovalAction,
+    ApprovalNeed,
     CacheSettings,
     Decision,
     PolicyEngine,
@@ -47,6 +50,9 @@ __all__ = [
     "STRICTEST_REDACTION",
     "Action",
     "ApplicableBudget",
+    "ApprovalAction",
+    "ApprovalNeed",
+    "ApprovalRequirement",
     "ArgumentConstraint",
     "Budget",
     "BudgetSwitch",

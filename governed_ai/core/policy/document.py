@@ -51,6 +51,15 @@ Format (YAML; every key not listed here is an error)::
           models: ["smollm2*"]          # globs on the concrete model name whose replies may be reused
           ttl_seconds: 86400            # how long a stored reply may be reused
           outputs: structured           # structured (only requests with an output schema) | all
+        require_approval:               # optional: a human approves these actions before they run
+          - models: ["gpt-4*"]          # glob(s) on the concrete model name (chat and embedding calls)
+            estimated_cost_above_usd: 1.0   # optional: only calls whose worst-case cost is above this
+            approvers: ["finance-lead"] # required: Airflow user ids who may answer (assigned users)
+            timeout_minutes: 60         # optional (default 60): no answer by then is a rejection
+          - tools: ["refund_*"]         # glob(s) on a tool name
+            approvers: ["support-lead"]
+          - collection_writes: ["prod_*"]   # glob(s) on a collection written to
+            approvers: ["kb-owner"]
     budgets:
       - name: support-daily             # required, unique; the ledger key is (name, period key)
         scope: dag                      # dag | team | global
@@ -100,6 +109,19 @@ Semantics worth knowing when writing a policy:
   order) whose ``models`` matches (and that grants the model) decides; entries are shared by the tasks
   one rule matches, never across rules. ``governed-ai cache purge`` removes stored replies by age or
   prompt version.
+* ``require_approval`` only ever tightens: it is checked after the action is allowed (a denial stays a
+  denial), and it applies whether or not the rule that says it grants anything, so a rule may consist of a
+  ``match`` and ``require_approval`` alone. Each entry names one kind of action: ``models`` (optionally with
+  ``estimated_cost_above_usd``), ``estimated_cost_above_usd`` alone (any model call above that worst-case
+  cost: the prompt's tokens plus ``max_tokens`` or 1024, at the connection's prices), ``tools``, or
+  ``collection_writes``. When several entries of the matching rules apply, the first in file order names
+  the approvers and the timeout. The task asks through Airflow's human-in-the-loop mechanism (Airflow
+  3.1+; deferred, it holds no worker slot) before anything is reserved, paid or run; an approval holds for
+  that resource for the rest of the task instance (its retries included), a rejection or no answer within
+  ``timeout_minutes`` fails the task without retries (and a later try of that task instance is denied
+  without asking; a new run asks again). Every answer is audited (``approval.granted`` /
+  ``approval.rejected``) with the approver. A task instance asks for one approval: one that needs a second,
+  different one fails (Airflow keeps one human-in-the-loop request per task instance).
 """
 
 from __future__ import annotations
@@ -342,6 +364,53 @@ class ResponseCacheRule(_PolicyModel):
     outputs: Literal["structured", "all"] = "structured"
 
 
+def _approvers(values: list[str]) -> list[str]:
+    if not values:
+        raise ValueError("an approval needs at least one approver: list the Airflow user ids who may answer")
+    if any(not value.strip() for value in values):
+        raise ValueError("an approver must be a non-empty Airflow user id")
+    return values
+
+
+class ApprovalRequirement(_PolicyModel):
+    """Actions a human must approve (through Airflow's human-in-the-loop) before they run."""
+
+    models: GlobList | None = None
+    tools: GlobList | None = None
+    collection_writes: GlobList | None = None
+    estimated_cost_above_usd: Number | None = None
+    approvers: Annotated[list[str], AfterValidator(_approvers)]
+    timeout_minutes: int = Field(default=60, gt=0, le=60 * 24 * 30)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ApprovalRequirement:
+        kinds = [k for k in ("models", "tools", "collection_writes") if getattr(self, k) is not None]
+        if len(kinds) > 1:
+            raise LocatedValueError(
+                f"one approval entry names one kind of action, got {' and '.join(kinds)}; "
+                "write one entry per kind",
+                (kinds[1],),
+            )
+        if self.estimated_cost_above_usd is not None:
+            if self.estimated_cost_above_usd < 0:
+                raise LocatedValueError(
+                    f"estimated_cost_above_usd must be 0 or more, got {self.estimated_cost_above_usd}",
+                    ("estimated_cost_above_usd",),
+                )
+            if kinds and kinds[0] != "models":
+                raise LocatedValueError(
+                    f"estimated_cost_above_usd applies to model calls only, not to {kinds[0]}",
+                    ("estimated_cost_above_usd",),
+                )
+        elif not kinds:
+            raise LocatedValueError(
+                "an approval entry needs models, tools, collection_writes or estimated_cost_above_usd "
+                "(what must be approved)",
+                (),
+            )
+        return self
+
+
 class Rule(_PolicyModel):
     """One allow-rule: which tasks it matches and what it grants them."""
 
@@ -354,6 +423,7 @@ class Rule(_PolicyModel):
     collections: list[CollectionGrant] = Field(default_factory=list)
     redaction: RedactionRule = Field(default_factory=RedactionRule)
     cache: ResponseCacheRule | None = None
+    require_approval: list[ApprovalRequirement] = Field(default_factory=list)
 
 
 class Budget(_PolicyModel):

@@ -17,6 +17,7 @@ from typing import Literal
 
 from governed_ai.core.policy.document import (
     OUTPUT_ITEM_KEYS_ORDER,
+    ApprovalRequirement,
     ArgumentConstraint,
     Budget,
     CustomPattern,
@@ -30,6 +31,8 @@ from governed_ai.core.policy.document import (
 from governed_ai.core.subject import Subject
 
 Action = Literal["model", "tool", "collection.read", "collection.write"]
+#: What a ``require_approval`` entry can be about.
+ApprovalAction = Literal["model", "tool", "collection.write"]
 
 # Bounds on the memo tables, so a long-lived process with many distinct tasks cannot grow without limit.
 _MAX_CACHED_SUBJECTS = 4096
@@ -79,6 +82,19 @@ class CacheSettings:
     ttl_seconds: int
     #: ``structured``: only requests with an output schema; ``all``: every chat reply.
     outputs: Literal["structured", "all"]
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalNeed:
+    """A policy's answer that an allowed action must first be approved by a human, and by whom."""
+
+    action: ApprovalAction
+    resource: str
+    rule: str
+    approvers: tuple[str, ...]
+    timeout_minutes: int
+    #: The entry's ``estimated_cost_above_usd`` when the need comes from a cost threshold.
+    cost_threshold_usd: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +243,33 @@ class _CompiledCollectionGrant:
 
 
 @dataclass(frozen=True, slots=True)
+class _CompiledApproval:
+    rule: str
+    requirement: ApprovalRequirement
+    action: ApprovalAction
+    names: _GlobSet | None  # None: any name (a cost threshold on every model)
+
+    @classmethod
+    def compile(cls, rule: str, requirement: ApprovalRequirement) -> _CompiledApproval:
+        action: ApprovalAction
+        names: list[str] | None
+        if requirement.tools is not None:
+            action, names = "tool", requirement.tools
+        elif requirement.collection_writes is not None:
+            action, names = "collection.write", requirement.collection_writes
+        else:
+            action, names = "model", requirement.models
+        return cls(rule, requirement, action, _GlobSet(names) if names is not None else None)
+
+    def applies(self, action: ApprovalAction, name: str, estimated_cost_usd: float | None) -> bool:
+        if action != self.action or (self.names is not None and not self.names.matches(name)):
+            return False
+        threshold = self.requirement.estimated_cost_above_usd
+        # An unknown cost (a model without a price) cannot be shown to stay under the threshold.
+        return threshold is None or estimated_cost_usd is None or estimated_cost_usd > threshold
+
+
+@dataclass(frozen=True, slots=True)
 class _CompiledRule:
     rule: Rule
     matcher: _SubjectMatcher
@@ -234,6 +277,7 @@ class _CompiledRule:
     tools: tuple[_CompiledToolGrant, ...]
     collections: tuple[_CompiledCollectionGrant, ...]
     cache_models: _GlobSet | None = None
+    approvals: tuple[_CompiledApproval, ...] = ()
 
     @classmethod
     def compile(cls, rule: Rule) -> _CompiledRule:
@@ -259,6 +303,7 @@ class _CompiledRule:
             collections=tuple(
                 _CompiledCollectionGrant(_GlobSet([g.name]), g.read, g.write) for g in rule.collections
             ),
+            approvals=tuple(_CompiledApproval.compile(rule.name, r) for r in rule.require_approval),
         )
 
 
@@ -271,6 +316,7 @@ class _SubjectView:
     budgets: tuple[Budget, ...]
     decisions: dict[tuple[str, str, str], Decision] = field(default_factory=dict)
     caches: dict[tuple[str, str], CacheSettings | None] = field(default_factory=dict)
+    approvals: tuple[_CompiledApproval, ...] = ()
 
 
 def _describe(subject: Subject) -> str:
@@ -358,7 +404,8 @@ class PolicyEngine:
             ),
         )
         budgets = tuple(b for b, matcher in self._budget_matchers if matcher.matches(subject))
-        return _SubjectView(rules=rules, redaction=redaction, budgets=budgets)
+        approvals = tuple(a for r in rules for a in r.approvals)
+        return _SubjectView(rules=rules, redaction=redaction, budgets=budgets, approvals=approvals)
 
     def matching_rules(self, subject: Subject) -> list[str]:
         """Names of the rules whose match applies to ``subject``, in file order."""
@@ -556,6 +603,33 @@ class PolicyEngine:
             view.caches.clear()
         view.caches[key] = found
         return found
+
+    def approval_needed(
+        self, subject: Subject, action: ApprovalAction, name: str, *, estimated_cost_usd: float | None = None
+    ) -> ApprovalNeed | None:
+        """Must a human approve this (already allowed) action first? None when no matching rule says so.
+
+        ``name`` is the concrete model, the tool or the collection; ``estimated_cost_usd`` is a model call's
+        worst-case cost (None when the model has no price: a cost threshold then requires approval). Any
+        matching rule's entry that applies requires it (a tightening); the first in file order names the
+        approvers and the timeout.
+        """
+        for approval in self._view(subject).approvals:
+            if approval.applies(action, name, estimated_cost_usd):
+                requirement = approval.requirement
+                return ApprovalNeed(
+                    action=action,
+                    resource=name,
+                    rule=approval.rule,
+                    approvers=tuple(requirement.approvers),
+                    timeout_minutes=requirement.timeout_minutes,
+                    cost_threshold_usd=requirement.estimated_cost_above_usd,
+                )
+        return None
+
+    def may_need_approval(self, subject: Subject, action: ApprovalAction) -> bool:
+        """Whether any matching rule requires approval for some ``action`` (a cheap pre-check)."""
+        return any(a.action == action for a in self._view(subject).approvals)
 
     @staticmethod
     def _no_grant_detail(view: _SubjectView) -> str:

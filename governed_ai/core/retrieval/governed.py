@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from governed_ai.core.approval import ApprovalGate
 from governed_ai.core.audit import AuditRecord
 from governed_ai.core.governor import Governor
 from governed_ai.core.policy import Decision
@@ -123,7 +124,12 @@ class GovernedRetrieval:
 
     def _authorize(self, subject: Subject, collection: str, mode: Literal["read", "write"]) -> Decision:
         decision = self.governor.engine().authorize_collection(subject, collection, mode)
-        return self.governor.enforce(subject, decision)
+        decision = self.governor.enforce(subject, decision)
+        if mode == "write":  # allowed; the policy may still want a human to approve the write first
+            gate = ApprovalGate(self.governor, subject)
+            if gate.may_need("collection.write"):
+                gate.check("collection.write", collection)
+        return decision
 
     def ingest(
         self,

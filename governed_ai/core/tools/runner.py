@@ -27,6 +27,7 @@ from typing import Any, NoReturn
 from pydantic import BaseModel
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
+from governed_ai.core.approval import ApprovalGate
 from governed_ai.core.audit import AuditRecord, canonical_json
 from governed_ai.core.errors import CallInDoubt, GovernanceDenied, GovernedAIError
 from governed_ai.core.governor import Governor
@@ -181,6 +182,7 @@ class GovernedToolRunner:
         self.tools = {t.name: t for t in tools}
         self.journal = journal
         self._timer = timer
+        self.approvals = ApprovalGate(governor, subject)
         needing_journal = sorted(name for name, t in self.tools.items() if t.side_effects)
         if needing_journal and journal is None:
             raise ValueError(
@@ -216,6 +218,8 @@ class GovernedToolRunner:
         decision = self._enforce(
             engine.authorize_tool(self.subject, name, policy_arguments(validated)), by_arguments=True
         )
+        if self.approvals.may_need("tool"):  # allowed; the policy may want a human to approve it first
+            self.approvals.check("tool", name)
         full_arguments = validated.model_dump(mode="json")
         key = idempotency_key(self.subject, step=step, tool=name, arguments=full_arguments)
         common = _CallContext(step=step, key=key, rule=decision.rule, side_effects=found.side_effects)

@@ -120,7 +120,8 @@ Semantics worth knowing when writing a policy:
   that resource for the rest of the task instance (its retries included), a rejection or no answer within
   ``timeout_minutes`` fails the task without retries (and a later try of that task instance is denied
   without asking; a new run asks again). Every answer is audited (``approval.granted`` /
-  ``approval.rejected``) with the approver. A task instance asks for one approval: one that needs a second,
+  ``approval.rejected``) with the approver. A journal replay or a response-cache hit sends
+  nothing to the model and asks nobody. A task instance asks for one approval: one that needs a second,
   different one fails (Airflow keeps one human-in-the-loop request per task instance).
 """
 

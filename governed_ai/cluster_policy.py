@@ -30,10 +30,11 @@ time as always.
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from governed_ai.core.policy import Decision, PolicyEngine
 from governed_ai.core.subject import Subject
@@ -69,15 +70,25 @@ def parse_time_subject(task: Any, bundle: str | None = None) -> Subject:
 
 
 def _model_decision(engine: PolicyEngine, subject: Subject, connection_id: str, requested: str) -> Decision:
+    # The engine expands a route alias to the models it grants; the first is the decision, else the
+    # route's (or the requested) model's denial names the rule to change.
+    granted = engine.resolve_model(subject, connection_id, requested)
     route = engine.route_for(subject, requested)
-    candidates = [requested] if route is None else [route.model, *route.fallbacks]
-    decisions = [engine.authorize_model(subject, connection_id, model) for model in candidates]
-    granted = next((decision for decision in decisions if decision.allowed), None)
-    return granted if granted is not None else decisions[0]
+    asked = granted[0] if granted else (route.model if route is not None else requested)
+    return engine.authorize_model(subject, connection_id, asked)
 
 
-def _requests(task: Any) -> Iterator[tuple[str, str, Any]]:
-    """What a task of this provider will ask the policy for: (kind, value, detail) triples."""
+def _tool_decision(engine: PolicyEngine, subject: Subject, *, name: str) -> Decision:
+    # Arguments are rendered at run time: here only whether some rule grants the name.
+    return engine.authorize_tool(subject, name, None)
+
+
+#: What a task asks the policy for, in words, and how the policy decides it for a given subject.
+_Request = tuple[str, Callable[[PolicyEngine, Subject], Decision]]
+
+
+def _requests(task: Any) -> Iterator[_Request]:
+    """What a task of this provider will ask the policy for."""
     # Imported here: the policy module is loaded by every DAG processor, the operators only when used.
     from governed_ai.operators.agent import AgentOperator
     from governed_ai.operators.batch import LLMBatchOperator
@@ -86,56 +97,45 @@ def _requests(task: Any) -> Iterator[tuple[str, str, Any]]:
     from governed_ai.operators.tool import ToolOperator
 
     if isinstance(task, LLMOperator | LLMBatchOperator | AgentOperator):
-        model = getattr(task, "model", None)
+        model, connection = getattr(task, "model", None), task.llm_conn_id
         if isinstance(model, str) and model and not _is_template(model):
-            yield "model", model, task.llm_conn_id
+            yield (
+                f"model {model!r} on connection {connection!r}",
+                lambda engine, subject: _model_decision(engine, subject, connection, model),
+            )
+    tool_names: list[str] = []
     if isinstance(task, AgentOperator):
-        for tool in task.tools:
-            yield "tool", tool.name, None
-    if isinstance(task, ToolOperator):
-        yield "tool", task.tool.name, None
+        tool_names = [tool.name for tool in task.tools]
+    elif isinstance(task, ToolOperator):
+        tool_names = [task.tool.name]
+    for name in tool_names:
+        yield f"tool {name!r}", functools.partial(_tool_decision, name=name)
     if isinstance(task, ChromaIngestOperator | ChromaPurgeOperator | ChromaQueryOperator):
         collection = task.collection
+        mode: Literal["read", "write"] = "read" if isinstance(task, ChromaQueryOperator) else "write"
         if isinstance(collection, str) and collection and not _is_template(collection):
-            yield "collection", collection, "read" if isinstance(task, ChromaQueryOperator) else "write"
+            yield (
+                f"{mode} of collection {collection!r}",
+                lambda engine, subject: engine.authorize_collection(subject, collection, mode),
+            )
 
 
 def denials(engine: PolicyEngine, task: Any, bundle: str | None = None) -> list[ParseTimeDenial]:
     """What ``task`` asks for that ``engine`` does not grant it (empty: nothing to object to)."""
     subject = parse_time_subject(task, bundle)
     found: list[ParseTimeDenial] = []
-    for kind, value, detail in _requests(task):
-        if kind == "model":
-            decision = _model_decision(engine, subject, detail, value)
-            what = f"model {value!r} on connection {detail!r}"
-        elif kind == "tool":
-            decision = engine.authorize_tool(subject, value, None)
-            what = f"tool {value!r}"
-        else:
-            decision = engine.authorize_collection(subject, value, detail)
-            what = f"{detail} of collection {value!r}"
+    for what, decide in _requests(task):
+        decision = decide(engine, subject)
         if decision.allowed:
             continue
-        if bundle is None and _granted_in_some_bundle(engine, subject, kind, value, detail):
+        # With the bundle unknown, a rule matching some bundle may be the one that grants it at run time.
+        if bundle is None and any(
+            decide(engine, subject.model_copy(update={"bundle": _example_of(pattern)})).allowed
+            for pattern in engine.bundle_patterns()
+        ):
             continue
         found.append(ParseTimeDenial(subject.task_id, what, decision.reason))
     return found
-
-
-def _granted_in_some_bundle(
-    engine: PolicyEngine, subject: Subject, kind: str, value: str, detail: Any
-) -> bool:
-    for pattern in engine.bundle_patterns():
-        candidate = subject.model_copy(update={"bundle": _example_of(pattern)})
-        if kind == "model":
-            decision = _model_decision(engine, candidate, detail, value)
-        elif kind == "tool":
-            decision = engine.authorize_tool(candidate, value, None)
-        else:
-            decision = engine.authorize_collection(candidate, value, detail)
-        if decision.allowed:
-            return True
-    return False
 
 
 def _example_of(glob: str) -> str:

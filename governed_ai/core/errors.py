@@ -18,6 +18,20 @@ class GovernedAIError(Exception):
     #: True when retrying the task cannot change the outcome.
     permanent: ClassVar[bool] = True
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Exceptions unpickle as cls(*args), which keyword-only fields break (Celery results, the batch's
+        # forked shares): rebuild without __init__, from the message and the attributes as they were.
+        return (_rebuild, (type(self), self.args, dict(self.__dict__)))
+
+
+def _rebuild(
+    cls: type[GovernedAIError], args: tuple[object, ...], state: dict[str, object]
+) -> GovernedAIError:
+    error = cls.__new__(cls, *args)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
 
 # -- refusals -------------------------------------------------------------------------------------------
 
@@ -30,18 +44,6 @@ class GovernanceDenied(GovernedAIError, PermissionError):
         self.action = action
         self.resource = resource
         self.rule = rule
-
-    def __reduce__(self) -> tuple[object, ...]:
-        # Keyword-only arguments would break pickling (Celery results, multiprocessing).
-        return (_rebuild_denied, (type(self), str(self), self.action, self.resource, self.rule))
-
-
-def _rebuild_denied(
-    cls: type[GovernanceDenied], message: str, action: str, resource: str, rule: str | None
-) -> GovernanceDenied:
-    error = cls.__new__(cls)
-    GovernanceDenied.__init__(error, message, action=action, resource=resource, rule=rule)
-    return error
 
 
 class BudgetExhausted(GovernanceDenied):
@@ -80,28 +82,6 @@ class ApprovalRequired(GovernedAIError):
         self.approvers = tuple(approvers)
         self.timeout_minutes = timeout_minutes
         self.estimated_cost_usd = estimated_cost_usd
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (
-            _rebuild_approval,
-            (str(self), self.action, self.resource, self.rule, self.approvers, self.timeout_minutes,
-             self.estimated_cost_usd),
-        )  # fmt: skip
-
-
-def _rebuild_approval(
-    message: str,
-    action: str,
-    resource: str,
-    rule: str,
-    approvers: tuple[str, ...],
-    timeout_minutes: int,
-    estimated_cost_usd: float | None,
-) -> ApprovalRequired:
-    return ApprovalRequired(
-        message, action=action, resource=resource, rule=rule, approvers=approvers,
-        timeout_minutes=timeout_minutes, estimated_cost_usd=estimated_cost_usd,
-    )  # fmt: skip
 
 
 class GovernanceUnavailable(GovernedAIError):
@@ -166,13 +146,6 @@ class StructuredOutputError(GovernedAIError, ValueError):
         super().__init__(message)
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = completion_tokens
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (_rebuild_structured, (str(self), self.prompt_tokens, self.completion_tokens))
-
-
-def _rebuild_structured(message: str, prompt_tokens: int, completion_tokens: int) -> StructuredOutputError:
-    return StructuredOutputError(message, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
 
 
 # -- side effects ---------------------------------------------------------------------------------------

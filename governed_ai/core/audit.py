@@ -46,6 +46,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     func,
     select,
     update,
@@ -60,6 +61,7 @@ from governed_ai.core.sqlstore import (
     ensure_tables,
     governance_metadata,
     insert_if_missing,
+    prepared_write,
     read_transaction,
     utc_now,
     write_transaction,
@@ -117,6 +119,19 @@ audit_head_table = Table(
 )
 
 _AUDIT_TABLES = (audit_table, audit_head_table)
+
+# The group-commit writer's statements, built once (prepared per dialect by sqlstore.prepared_write).
+_INSERT_RECORDS = audit_table.insert()
+_LOCK_HEAD = (
+    select(audit_head_table.c.seq, audit_head_table.c.hash)
+    .where(audit_head_table.c.id == _HEAD_ID)
+    .with_for_update()
+)
+_MOVE_HEAD = (
+    update(audit_head_table)
+    .where(audit_head_table.c.id == _HEAD_ID)
+    .values(seq=bindparam("new_seq"), hash=bindparam("new_hash"))
+)
 
 #: Purpose of the deployment key's sub-key that chains audit records.
 CHAIN_PURPOSE = "audit-chain"
@@ -396,19 +411,21 @@ class AuditStore:
                 }
             )
             prev_hash = digest
-        connection.execute(audit_table.insert(), rows)
-        connection.execute(
-            update(audit_head_table).where(audit_head_table.c.id == _HEAD_ID).values(seq=seq, hash=prev_hash)
-        )
+        prepared_write(connection, _INSERT_RECORDS, list(rows[0])).execute(connection, rows)
+        prepared_write(connection, _MOVE_HEAD).execute(connection, [{"new_seq": seq, "new_hash": prev_hash}])
         return stored
 
-    def after_commit(self, records: Sequence[AuditRecord], stored: Sequence[StoredAuditRecord]) -> None:
-        """What follows a committed append: anchor the head when one is due, then tell the observers."""
+    def after_commit(
+        self, records: Sequence[AuditRecord], stored: Sequence[StoredAuditRecord], *, notify: bool = True
+    ) -> None:
+        """What follows a committed append: anchor the head when one is due, then tell the observers
+        (unless ``notify`` is False: the caller calls :meth:`notify` itself, later)."""
         if stored:
             last = stored[-1]
             self._last_appended_seq = last.seq
             self._maybe_anchor(last.seq, last.hash)
-        self._notify(records)
+        if notify:
+            self.notify(records)
 
     # -- anchoring ----------------------------------------------------------------------------------
 
@@ -472,7 +489,8 @@ class AuditStore:
         )  # fmt: skip
         return anchor
 
-    def _notify(self, records: Sequence[AuditRecord]) -> None:
+    def notify(self, records: Sequence[AuditRecord]) -> None:
+        """Hand committed ``records`` to the observers (metrics, spans)."""
         # After the commit: observers see only what is really in the trail, and their failures (a metrics
         # backend down, a tracing bug) must never undo or fail the governed action.
         for observer in self.observers:
@@ -483,13 +501,12 @@ class AuditStore:
 
     @staticmethod
     def _lock_head(connection: Connection) -> tuple[int, str]:
-        head = audit_head_table
-        query = select(head.c.seq, head.c.hash).where(head.c.id == _HEAD_ID).with_for_update()
-        row = connection.execute(query).first()
+        query = prepared_write(connection, _LOCK_HEAD)
+        row = query.first(connection)
         if row is None:
-            insert_if_missing(connection, head, {"id": _HEAD_ID, "seq": 0, "hash": GENESIS_HASH})
-            row = connection.execute(query).one()
-        return int(row.seq), str(row.hash)
+            insert_if_missing(connection, audit_head_table, {"id": _HEAD_ID, "seq": 0, "hash": GENESIS_HASH})
+            row = query.first(connection)
+        return int(row[0]), str(row[1])
 
     # -- verification -----------------------------------------------------------------------------
 

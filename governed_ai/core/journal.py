@@ -60,6 +60,7 @@ from governed_ai.core.sqlstore import (
     ensure_tables,
     governance_metadata,
     insert_if_missing,
+    prepared_write,
     read_transaction,
     utc_now,
     write_transaction,
@@ -416,18 +417,23 @@ def apply_steps(connection: Connection, steps: Iterable[JournalStep]) -> None:
         else:
             failed.append({"b_scope": step.scope, "b_key": step.key_sha256, "b_error": step.error[:4000]})
     upsert_claim, upsert_done = _upserts(dialect_name(connection))
-    table = journal_table
     if claims:
-        connection.execute(upsert_claim, claims)
+        prepared_write(connection, upsert_claim, list(claims[0])).execute(connection, claims)
     if done:
-        connection.execute(upsert_done, done)
+        prepared_write(connection, upsert_done, list(done[0])).execute(connection, done)
     if failed:
-        connection.execute(
-            update(table)
-            .where(and_(table.c.scope == bindparam("b_scope"), table.c.key_sha256 == bindparam("b_key")))
-            .values(state=JournalState.FAILED.value, error=bindparam("b_error"), updated_at=now),
-            failed,
-        )
+        for row in failed:
+            row["b_now"] = now
+        prepared_write(connection, _MARK_FAILED).execute(connection, failed)
+
+
+_MARK_FAILED = (
+    update(journal_table)
+    .where(
+        and_(journal_table.c.scope == bindparam("b_scope"), journal_table.c.key_sha256 == bindparam("b_key"))
+    )
+    .values(state=JournalState.FAILED.value, error=bindparam("b_error"), updated_at=bindparam("b_now"))
+)
 
 
 @functools.cache

@@ -25,10 +25,12 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from sqlalchemy.engine import Connection
+
 from governed_ai.core.audit import AuditRecord, AuditStore
 from governed_ai.core.journal import JournalStep, apply_steps, journal_table
 from governed_ai.core.response_cache import CacheWrite, apply_cache_writes
-from governed_ai.core.sqlstore import ensure_tables, utc_now, write_transaction
+from governed_ai.core.sqlstore import ensure_tables, utc_now, write_connection
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ class StoreWriter:
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._connection: Connection | None = None  # the writer thread's own, kept between groups
         self.commits = 0
         self.records_written = 0
 
@@ -95,6 +98,12 @@ class StoreWriter:
             thread.join()
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            self._drop_connection()
+
+    def _serve(self) -> None:
         stopping = False
         while not stopping:
             first = self._queue.get()
@@ -116,7 +125,10 @@ class StoreWriter:
         error: BaseException | None = None
         records = [record for pending in group for record in pending.records]
         try:
-            with write_transaction(self._audit.engine) as connection:
+            if self._connection is None:
+                self._connection = write_connection(self._audit.engine)
+            connection = self._connection
+            with connection.begin():
                 stored = self._audit.append_in(connection, records)  # first: nothing journaled is unaudited
                 apply_steps(connection, [step for pending in group for step in pending.steps])
                 cached = [write for pending in group for write in pending.cached]
@@ -127,8 +139,21 @@ class StoreWriter:
         except Exception as failed:  # the waiting callers see the failure
             log.warning("governance store write failed for %d step(s): %s", len(group), failed)
             error = failed
+            self._drop_connection()  # a broken connection is not tried again
         if error is None and records:
-            self._audit.after_commit(records, stored)
+            self._audit.after_commit(records, stored, notify=False)
+        self._release(group, error)
+        if error is None and records:  # metrics and spans: after the callers have gone on
+            self._audit.notify(records)
+
+    def _drop_connection(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                connection.close()
+
+    @staticmethod
+    def _release(group: list[_Pending], error: BaseException | None) -> None:
         waiting: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
         for pending in group:
             if isinstance(pending.done, concurrent.futures.Future):

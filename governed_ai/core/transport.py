@@ -4,26 +4,29 @@ Everything above it (authorization, budgets, redaction, the journal, the audit t
 :class:`~governed_ai.core.client.GovernedClient`, which is the only user of this module; a test enforces
 that nothing else in ``governed_ai/`` talks to the openai SDK.
 
-Requests go through the openai SDK's generic ``post`` (its documented way to call any endpoint): the SDK
-supplies the base URL, authentication, organization/project headers, timeouts and typed status errors,
-while the body is sent as given and the reply is parsed here into a small :class:`Completion`. That skips
-the SDK's parameter transformation and response models, about 40% of its CPU per call, which a governed
-batch of thousands of calls on one core cannot afford. Under the SDK, HTTP goes through aiohttp (the
-SDK's own ``DefaultAioHttpClient``, its ``aiohttp`` extra) when installed: a third of httpx's CPU per
-request, same SDK behaviour. Retries follow the one retry policy (:mod:`governed_ai.core.retry`) with a
-per-request timeout and an optional per-call deadline.
+The openai SDK is the source of the endpoint's configuration: its client supplies the base URL and the
+headers it would send (authentication, organization/project, its user agent), and model listing goes
+through it. A chat or embedding request itself is one aiohttp POST of the body as given, whose reply is
+parsed here into a small :class:`Completion` (orjson). Going through the SDK's ``post`` instead costs
+about 1.1 ms more CPU per request (its request options, the httpx layer over aiohttp, its auth hooks),
+which is most of what a governed call would cost over a raw one on a single core. Failures become the
+SDK's own typed errors (built by the SDK from the status and body), so the retry policy
+(:mod:`governed_ai.core.retry`) and the error messages see exactly what the SDK would have raised.
+Retries follow that one policy, with a per-request timeout and an optional per-call deadline.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import importlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Generic, TypeVar
 
+import aiohttp
 import numpy as np
 import openai
 import orjson
@@ -159,13 +162,6 @@ def http_library() -> Any:
     return importlib.import_module(base.__module__.split(".")[0])
 
 
-def _http_response_type() -> type[Any]:
-    """The response class of the SDK's HTTP library: asking ``post`` for it returns the raw response,
-    unparsed."""
-    response: type[Any] = http_library().Response
-    return response
-
-
 def _http_client(timeout: float) -> Any:
     """The SDK's aiohttp-based HTTP client when its ``aiohttp`` extra is installed, else None (the SDK's
     default httpx client)."""
@@ -208,6 +204,8 @@ class ModelTransport:
         self.requests_per_minute = requests_per_minute
         self.tokens_per_minute = tokens_per_minute
         self._client: openai.AsyncOpenAI | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._headers: dict[str, str] | None = None
         self._served: list[str] | None = None
         self._served_checked = False
         self._requests = per_minute_limiter(requests_per_minute) if requests_per_minute else None
@@ -251,7 +249,28 @@ class ModelTransport:
             )
         return self._client
 
+    def _http(self) -> aiohttp.ClientSession:
+        """The aiohttp session requests go through, made on (and bound to) the running event loop."""
+        session = self._session
+        if session is None or session.closed or session.loop is not asyncio.get_running_loop():
+            # No connection cap of its own: the caller's concurrency (and the rate limits) bound it.
+            session = self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0), trust_env=True, skip_auto_headers=("User-Agent",)
+            )
+        return session
+
+    def _request_headers(self) -> dict[str, str]:
+        """The headers the SDK would send with a request (its defaults and authentication), once."""
+        if self._headers is None:
+            client = self._sdk()
+            headers = {**client.default_headers, **client.auth_headers}
+            self._headers = {name: value for name, value in headers.items() if isinstance(value, str)}
+        return self._headers
+
     async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
         if self._client is not None:
             await self._client.close()
             self._client = None
@@ -263,8 +282,10 @@ class ModelTransport:
     ) -> Sent[Completion]:
         """POST ``/chat/completions`` with ``body`` (model, messages, ...)."""
         model = str(body.get("model"))
-        sent = await self._post("/chat/completions", body, model, deadline_seconds, estimated_tokens)
-        return Sent(Completion.from_body(sent.result, model), sent.http_attempts, sent.seconds)
+        return await self._post(
+            "/chat/completions", body, model, deadline_seconds, estimated_tokens,
+            lambda content: Completion.from_body(content, model),
+        )  # fmt: skip
 
     async def embed(
         self,
@@ -276,7 +297,7 @@ class ModelTransport:
     ) -> Sent[Embeddings]:
         """POST ``/embeddings`` for ``inputs``; vectors come back in input order."""
         body = {"model": model, "input": list(inputs)}
-        sent = await self._post("/embeddings", body, model, deadline_seconds, estimated_tokens)
+        sent = await self._post("/embeddings", body, model, deadline_seconds, estimated_tokens, bytes)
         try:
             data = orjson.loads(sent.result)
             rows = sorted(data["data"], key=lambda row: row["index"])
@@ -304,7 +325,10 @@ class ModelTransport:
         model: str,
         deadline_seconds: float | None,
         estimated_tokens: int,
-    ) -> Sent[bytes]:
+        parse: Callable[[bytes], ResultT],
+    ) -> Sent[ResultT]:
+        """POST ``body`` to ``path`` under the retry policy; ``parse`` turns the reply body into the result
+        (a :class:`MalformedResponse` from it is retried like a 5xx)."""
         settings = self.settings
         deadline = deadline_seconds if deadline_seconds is not None else settings.deadline_seconds
         started = time.monotonic()
@@ -319,12 +343,7 @@ class ModelTransport:
                     timeout = settings.timeout
                     if deadline is not None:
                         timeout = min(timeout, max(0.001, deadline - (time.monotonic() - started)))
-                    response = await self._sdk().post(
-                        path, body=body, cast_to=_http_response_type(), options={"timeout": timeout}
-                    )
-                    content = response.content
-                    if path == "/chat/completions":
-                        Completion.from_body(content, model)  # malformed bodies are retried like 5xx
+                    result = parse(await self._send(path, body, timeout))
         except MalformedResponse as error:
             failure: ModelCallError = ModelUnavailable(
                 f"{self.where} kept answering with malformed bodies for model '{model}' after {attempts} "
@@ -336,7 +355,35 @@ class ModelTransport:
             failure = self._explain(error, model, attempts)
             failure.http_attempts = attempts
             raise failure from error
-        return Sent(content, attempts, time.monotonic() - started)
+        return Sent(result, attempts, time.monotonic() - started)
+
+    async def _send(self, path: str, body: dict[str, Any], timeout: float) -> bytes:
+        """One HTTP attempt; a failure is raised as the SDK's typed error for it."""
+        url = f"{str(self._sdk().base_url).rstrip('/')}{path}"
+        try:
+            async with self._http().post(
+                url,
+                data=orjson.dumps(body),
+                headers=self._request_headers(),
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as response:
+                content = await response.read()
+                status, headers = response.status, dict(response.headers)
+        except TimeoutError:
+            raise openai.APITimeoutError(request=self._http_request(url)) from None
+        except aiohttp.ClientError as error:
+            raise openai.APIConnectionError(
+                message=f"Connection error: {error}", request=self._http_request(url)
+            ) from error
+        if status >= 400:
+            http = http_library()
+            failed = http.Response(status, headers=headers, content=content, request=self._http_request(url))
+            raise self._sdk()._make_status_error_from_response(failed)
+        return content
+
+    @staticmethod
+    def _http_request(url: str) -> Any:
+        return http_library().Request("POST", url)
 
     def _explain(self, error: openai.APIError, model: str, attempts: int) -> ModelCallError:
         where = self.where

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import Engine, select, text
+from sqlalchemy.exc import DBAPIError
 
 from governed_ai.core.audit import AuditRecord
 from governed_ai.core.journal import (
@@ -17,7 +20,7 @@ from governed_ai.core.journal import (
     StepFailed,
     journal_table,
 )
-from governed_ai.core.sqlstore import create_store_engine, ensure_tables
+from governed_ai.core.sqlstore import create_store_engine, ensure_tables, prepared_write
 from governed_ai.core.store_writer import StoreWriter
 from governed_ai.core.subject import Subject
 from tests.audit_support import keyed_audit_store
@@ -144,3 +147,59 @@ def test_an_older_journal_table_gets_the_new_columns(tmp_path):
     writer.write_sync(steps=[claim("a"), done("a", {"ok": 1})])
     writer.close()
     assert ReplayJournal(engine, "chat").entries_for_instance(INSTANCE)["a"].result == {"ok": 1}
+
+
+def test_prepared_writes_store_times_and_values_as_sqlalchemy_reads_them(store_engine: Engine):
+    # The writer runs its statements on the driver directly; what it stored must read back through
+    # SQLAlchemy exactly as written: aware UTC times to the microsecond, text, numbers.
+    audit = keyed_audit_store(store_engine)
+    journal = ReplayJournal(store_engine, "chat")
+    writer = StoreWriter(audit)
+    when = datetime(2026, 12, 2, 13, 45, 7, 123456, tzinfo=UTC)
+    stamped = record(1).model_copy(update={"time": when})
+    writer.write_sync(records=[stamped], steps=[claim("k1")])
+    writer.write_sync(steps=[done("k1", {"answer": "é"}), StepFailed("chat", "k2", "x")])
+    writer.write_sync(steps=[claim("k2"), StepFailed("chat", "k2", "server said no")])
+    writer.close()
+
+    [stored] = audit.query(limit=None)
+    assert stored.time == when and stored.extra == {"n": 1}
+    assert audit.verify().ok
+    entries = journal.entries_for_instance(INSTANCE)
+    assert entries["k1"].state is JournalState.COMPLETED and entries["k1"].result == {"answer": "é"}
+    assert entries["k2"].state is JournalState.FAILED
+    with store_engine.connect() as connection:
+        row = connection.execute(
+            select(journal_table.c.created_at, journal_table.c.error).where(
+                journal_table.c.key_sha256 == "k2"
+            )
+        ).one()
+    assert row.error == "server said no"
+    assert row.created_at.tzinfo is not None and abs(datetime.now(UTC) - row.created_at) < timedelta(
+        minutes=5
+    )
+
+
+def test_a_prepared_write_without_a_value_it_needs_names_the_value(store_engine: Engine):
+    from governed_ai.core.audit import _MOVE_HEAD
+
+    with store_engine.connect() as connection:
+        prepared = prepared_write(connection, _MOVE_HEAD)
+        with pytest.raises(ValueError, match="new_hash"):
+            prepared.parameters({"new_seq": 3})
+
+
+def test_the_writer_gets_a_new_connection_after_its_own_broke(tmp_path):
+    engine = create_store_engine(f"sqlite:///{tmp_path / 'gov.db'}")
+    audit = keyed_audit_store(engine)
+    writer = StoreWriter(audit)
+    writer.write_sync(records=[record(1)])
+    assert writer._connection is not None
+    writer._connection.connection.dbapi_connection.close()  # type: ignore[union-attr]  # pulled from under it
+    with pytest.raises((sqlite3.ProgrammingError, DBAPIError)):  # this group fails: its callers see it
+        writer.write_sync(records=[record(2)])
+    writer.write_sync(records=[record(3)])  # the next one lands on a fresh connection
+    writer.close()
+    assert [r.extra["n"] for r in audit.query(limit=None, order="asc")] == [1, 3]
+    assert audit.verify().ok
+    engine.dispose()

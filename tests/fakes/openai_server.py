@@ -61,6 +61,7 @@ class FakeOpenAIServer:
         self.default = default or ScriptedReply(content="ok")
         self.requests: list[dict[str, Any]] = []
         self.paths: list[str] = []
+        self.headers: list[dict[str, str]] = []  # of each POST, in order
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -128,6 +129,7 @@ class FakeOpenAIServer:
                 with fake._lock:
                     fake.requests.append(body)
                     fake.paths.append(self.path)
+                    fake.headers.append(dict(self.headers))
                 if self.path.endswith("/embeddings"):
                     self._send(200, json.dumps(fake_embeddings(body)).encode())
                     return

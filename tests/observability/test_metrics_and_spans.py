@@ -78,6 +78,19 @@ def test_metrics_from_records():
     assert sink.timers == [("governed_ai.model.latency", 250.0, tags)]
 
 
+def test_counters_of_one_group_are_summed_and_sent_once_timers_one_by_one():
+    sink = RecordingSink()
+    other_model = CALL.model_copy(update={"model": "large"})
+    MetricsObserver(sink)([CALL, CALL, other_model, CALL])
+    calls = [(n, tags["model"]) for name, n, tags in sink.counters if name == "governed_ai.model.calls"]
+    assert sorted(calls) == [(1, "large"), (3, "small")]
+    tokens = {
+        tags["model"]: n for name, n, tags in sink.counters if name == "governed_ai.model.prompt_tokens"
+    }
+    assert tokens == {"small": 360, "large": 120}
+    assert len(sink.timers) == 4
+
+
 def test_observers_run_after_commit_and_never_fail_the_write(tmp_path):
     seen = []
 

@@ -6,8 +6,8 @@ import importlib
 import logging
 import threading
 from collections.abc import Callable
-from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from functools import cache, cached_property
+from typing import TYPE_CHECKING, Any, cast
 
 from airflow.providers.common.compat.sdk import AirflowNotFoundException, BaseHook
 from airflow.providers.common.compat.version_compat import AIRFLOW_V_3_2_PLUS
@@ -527,6 +527,13 @@ def _governance_of(task_instance: Any) -> tuple[Governor, PolicyRedaction]:
 
 def _airflow_mask(text: str) -> str:
     """Airflow's own secrets masker: it knows the task's connection passwords and sensitive variables."""
+    return str(_airflow_redact()(text))
+
+
+@cache
+def _airflow_redact() -> Callable[[Any], Any]:
+    """Airflow's ``redact``, looked up once: through common-compat's lazy import it costs microseconds per
+    access, and every redacted text of every call asks for it."""
     from airflow.providers.common.compat.sdk import redact
 
-    return str(redact(text))
+    return cast(Callable[[Any], Any], redact)

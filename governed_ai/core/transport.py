@@ -205,6 +205,7 @@ class ModelTransport:
         self.tokens_per_minute = tokens_per_minute
         self._client: openai.AsyncOpenAI | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._session_loop: asyncio.AbstractEventLoop | None = None
         self._headers: dict[str, str] | None = None
         self._served: list[str] | None = None
         self._served_checked = False
@@ -251,12 +252,13 @@ class ModelTransport:
 
     def _http(self) -> aiohttp.ClientSession:
         """The aiohttp session requests go through, made on (and bound to) the running event loop."""
-        session = self._session
-        if session is None or session.closed or session.loop is not asyncio.get_running_loop():
+        session, loop = self._session, asyncio.get_running_loop()
+        if session is None or session.closed or self._session_loop is not loop:
             # No connection cap of its own: the caller's concurrency (and the rate limits) bound it.
             session = self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0), trust_env=True, skip_auto_headers=("User-Agent",)
             )
+            self._session_loop = loop
         return session
 
     def _request_headers(self) -> dict[str, str]:

@@ -76,6 +76,9 @@ def failed_tasks(server: Standalone, dag_id: str, run_id: str) -> list[str]:
 
 @pytest.mark.standalone
 @pytest.mark.real_model
+# Five DAGs on the real local model in series plus the standalone's start and stop: 8-10 minutes on two
+# busy cores, too close to the suite's 600 s hang guard (which counts fixtures too).
+@pytest.mark.timeout(1200)
 def test_flagship_dags_run_on_a_real_airflow(airflow: Standalone) -> None:
     wait_for_dags(airflow, FLAGSHIPS)
     # The knowledge base first: the triage DAG's sensor waits for it (it would reschedule otherwise).

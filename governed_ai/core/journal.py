@@ -415,15 +415,15 @@ def apply_steps(connection: Connection, steps: Iterable[JournalStep]) -> None:
                 }
             )
         else:
-            failed.append({"b_scope": step.scope, "b_key": step.key_sha256, "b_error": step.error[:4000]})
+            failed.append(
+                {"b_scope": step.scope, "b_key": step.key_sha256, "b_error": step.error[:4000], "b_now": now}
+            )
     upsert_claim, upsert_done = _upserts(dialect_name(connection))
     if claims:
         prepared_write(connection, upsert_claim, list(claims[0])).execute(connection, claims)
     if done:
         prepared_write(connection, upsert_done, list(done[0])).execute(connection, done)
     if failed:
-        for row in failed:
-            row["b_now"] = now
         prepared_write(connection, _MARK_FAILED).execute(connection, failed)
 
 

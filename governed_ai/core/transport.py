@@ -206,7 +206,7 @@ class ModelTransport:
         self._client: openai.AsyncOpenAI | None = None
         self._session: aiohttp.ClientSession | None = None
         self._session_loop: asyncio.AbstractEventLoop | None = None
-        self._headers: dict[str, str] | None = None
+        self._target_cache: tuple[str, dict[str, str]] | None = None
         self._served: list[str] | None = None
         self._served_checked = False
         self._requests = per_minute_limiter(requests_per_minute) if requests_per_minute else None
@@ -261,13 +261,17 @@ class ModelTransport:
             self._session_loop = loop
         return session
 
-    def _request_headers(self) -> dict[str, str]:
-        """The headers the SDK would send with a request (its defaults and authentication), once."""
-        if self._headers is None:
+    def _target(self) -> tuple[str, dict[str, str]]:
+        """The base URL and the headers the SDK would send with a request (its defaults and
+        authentication), taken from it once."""
+        if self._target_cache is None:
             client = self._sdk()
             headers = {**client.default_headers, **client.auth_headers}
-            self._headers = {name: value for name, value in headers.items() if isinstance(value, str)}
-        return self._headers
+            self._target_cache = (
+                str(client.base_url).rstrip("/"),
+                {name: value for name, value in headers.items() if isinstance(value, str)},
+            )
+        return self._target_cache
 
     async def aclose(self) -> None:
         if self._session is not None:
@@ -361,16 +365,17 @@ class ModelTransport:
 
     async def _send(self, path: str, body: dict[str, Any], timeout: float) -> bytes:
         """One HTTP attempt; a failure is raised as the SDK's typed error for it."""
-        url = f"{str(self._sdk().base_url).rstrip('/')}{path}"
+        base_url, headers = self._target()
+        url = base_url + path
         try:
             async with self._http().post(
                 url,
                 data=orjson.dumps(body),
-                headers=self._request_headers(),
+                headers=headers,
                 timeout=aiohttp.ClientTimeout(total=timeout),
             ) as response:
                 content = await response.read()
-                status, headers = response.status, dict(response.headers)
+                status, reply_headers = response.status, dict(response.headers)
         except TimeoutError:
             raise openai.APITimeoutError(request=self._http_request(url)) from None
         except aiohttp.ClientError as error:
@@ -378,8 +383,8 @@ class ModelTransport:
                 message=f"Connection error: {error}", request=self._http_request(url)
             ) from error
         if status >= 400:
-            http = http_library()
-            failed = http.Response(status, headers=headers, content=content, request=self._http_request(url))
+            request = self._http_request(url)
+            failed = http_library().Response(status, headers=reply_headers, content=content, request=request)
             raise self._sdk()._make_status_error_from_response(failed)
         return content
 

@@ -6,8 +6,8 @@ import importlib
 import logging
 import threading
 from collections.abc import Callable
-from functools import cache, cached_property
-from typing import TYPE_CHECKING, Any, cast
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.compat.sdk import AirflowNotFoundException, BaseHook
 from airflow.providers.common.compat.version_compat import AIRFLOW_V_3_2_PLUS
@@ -27,6 +27,7 @@ from governed_ai.core.policy import PolicyEngine, PolicyProvider
 from governed_ai.core.policy import RedactionSettings as PolicyRedaction
 from governed_ai.core.sqlstore import create_store_engine
 from governed_ai.core.subject import Subject
+from governed_ai.hooks.airflow_sdk import airflow_sdk
 from governed_ai.hooks.connection_fields import extra_fields
 from governed_ai.hooks.connection_forms import legacy_field_behaviour, legacy_form_widgets
 from governed_ai.hooks.llm import LLMHook
@@ -527,13 +528,4 @@ def _governance_of(task_instance: Any) -> tuple[Governor, PolicyRedaction]:
 
 def _airflow_mask(text: str) -> str:
     """Airflow's own secrets masker: it knows the task's connection passwords and sensitive variables."""
-    return str(_airflow_redact()(text))
-
-
-@cache
-def _airflow_redact() -> Callable[[Any], Any]:
-    """Airflow's ``redact``, looked up once: through common-compat's lazy import it costs microseconds per
-    access, and every redacted text of every call asks for it."""
-    from airflow.providers.common.compat.sdk import redact
-
-    return cast(Callable[[Any], Any], redact)
+    return str(airflow_sdk("redact")(text))

@@ -2,31 +2,22 @@
 
 from __future__ import annotations
 
-import functools
 from datetime import timedelta
 from typing import Any
 
 from governed_ai.core.audit import AuditObserver
 from governed_ai.core.observability import MetricsObserver, SpanObserver
+from governed_ai.hooks.airflow_sdk import airflow_sdk
 
 
 class AirflowStatsSink:
     """Sends to whatever ``[metrics]`` configures: StatsD, Datadog or OpenTelemetry metrics (or nothing)."""
 
     def incr(self, stat: str, count: int = 1, *, tags: dict[str, Any] | None = None) -> None:
-        _stats().incr(stat, count, tags=_str_tags(tags))
+        airflow_sdk("Stats").incr(stat, count, tags=_str_tags(tags))
 
     def timing(self, stat: str, ms: float, *, tags: dict[str, Any] | None = None) -> None:
-        _stats().timing(stat, timedelta(milliseconds=ms), tags=_str_tags(tags))
-
-
-@functools.cache
-def _stats() -> Any:
-    """Airflow's ``Stats``, looked up once (through common-compat's lazy import, which costs a few
-    microseconds per access on every metric otherwise)."""
-    from airflow.providers.common.compat.sdk import Stats
-
-    return Stats
+        airflow_sdk("Stats").timing(stat, timedelta(milliseconds=ms), tags=_str_tags(tags))
 
 
 def _str_tags(tags: dict[str, Any] | None) -> dict[str, str] | None:

@@ -8,10 +8,12 @@ server answering JSON that fits its schema) are sent by, each in a fresh process
              the pydantic model, results written to a JSONL file at the end: the baseline;
   raw-aio    the same with the SDK's aiohttp client (``DefaultAioHttpClient``), the transport the
              provider uses: the fairer baseline;
-  governed   ``LLMBatchOperator.execute`` with governance fully on (policy, budget ledger, redaction of
-             prompts and replies, hash-chained keyed audit trail, replay journal, SQLite store), results
-             and failures streamed to files, as a scheduled task runs it;
-  governed-pN  the same with ``processes=N`` (``--processes``), when asked for.
+  governed   ``LLMBatchOperator.execute`` with its defaults and governance fully on (policy, budget
+             ledger, redaction of prompts and replies, hash-chained keyed audit trail, replay journal,
+             SQLite store), results and failures streamed to files, as a scheduled task runs it; by
+             default (``processes="auto"``) in one process per core for batches of 500 items and more,
+             ``concurrency`` calls in flight between them;
+  governed-pN  the same with ``processes=N`` (``--processes``, default 1: the one-process figure).
 
 Sizes (``--sizes``, default 1,000 and 10,000 prompts) x concurrencies (``--concurrency``, default 8, 32,
 64) x contenders, in ``--rounds`` rounds; within a round the contenders run in rotating order, so load
@@ -131,7 +133,8 @@ async def _raw(args: argparse.Namespace, items: list[dict[str, str]], out: Path)
     return len(results)
 
 
-def _governed(args: argparse.Namespace, input_path: Path, out: Path) -> int:
+def _governed(args: argparse.Namespace, input_path: Path, out: Path) -> tuple[int, int]:
+    """Calls answered, and processes the batch ran in."""
     from governed_ai.operators.batch import LLMBatchOperator
     from tests.reliability.support import task_context
 
@@ -145,7 +148,7 @@ def _governed(args: argparse.Namespace, input_path: Path, out: Path) -> int:
         temperature=0.0,
         output_schema=_label_model(),
         concurrency=args.concurrency,
-        processes=args.processes,
+        processes=args.processes or "auto",
         output_path=str(out),
         llm_conn_id="test_llm",
         progress_interval_seconds=3600,
@@ -154,7 +157,7 @@ def _governed(args: argparse.Namespace, input_path: Path, out: Path) -> int:
     summary = xcom["summary"]
     if summary["ok"] != summary["total"]:
         raise SystemExit(f"governed batch did not answer every item: {summary}")
-    return int(summary["ok"])
+    return int(summary["ok"]), int(summary.get("processes", 1))
 
 
 def child_main(args: argparse.Namespace) -> None:
@@ -176,12 +179,13 @@ def child_main(args: argparse.Namespace) -> None:
         import tests.reliability.support  # noqa: F401
     cpu0, started = _cpu_seconds(), time.perf_counter()
     if args.child in ("raw", "raw-aio"):
-        calls = asyncio.run(_raw(args, items, out))
+        calls, processes = asyncio.run(_raw(args, items, out)), 1
     else:
-        calls = _governed(args, input_path, out)
+        calls, processes = _governed(args, input_path, out)
     seconds = time.perf_counter() - started
     cpu = _cpu_seconds() - cpu0
-    print(json.dumps({"calls": calls, "seconds": seconds, "cpu_s": cpu, "rss_mb": _peak_rss_mb()}))
+    figures = {"calls": calls, "seconds": seconds, "cpu_s": cpu, "rss_mb": _peak_rss_mb()}
+    print(json.dumps({**figures, "processes": processes}))
 
 
 # -- the parent: schedules the runs and prints the table ----------------------------------------------
@@ -207,7 +211,7 @@ def run_child(kind: str, size: int, concurrency: int, base_url: str, processes: 
         command = [
             sys.executable, __file__, "--child", "governed" if kind.startswith("governed") else kind,
             "--items", str(size), "--concurrency", str(concurrency), "--base-url", base_url,
-            "--workdir", str(home), "--processes", str(processes if kind.startswith("governed-p") else 1),
+            "--workdir", str(home), "--processes", str(processes if kind.startswith("governed-p") else 0),
         ]  # fmt: skip
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600, check=False)
         if done.returncode != 0:
@@ -301,7 +305,7 @@ def main() -> None:
     parser.add_argument("--concurrency", default="8,32,64")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--latency-ms", type=float, default=50.0)
-    parser.add_argument("--processes", type=int, default=0, help="also run governed with processes=N")
+    parser.add_argument("--processes", type=int, default=1, help="also governed-pN (0: none)")
     parser.add_argument("--mapped-items", type=int, default=100, help="0 skips the mapped comparison")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--items", type=int, default=0, help=argparse.SUPPRESS)
@@ -317,7 +321,7 @@ def main() -> None:
 
     sizes = [int(s) for s in args.sizes.split(",")]
     concurrencies = [int(c) for c in args.concurrency.split(",")]
-    kinds = ["raw", "raw-aio", "governed"] + ([f"governed-p{args.processes}"] if args.processes > 1 else [])
+    kinds = ["raw", "raw-aio", "governed"] + ([f"governed-p{args.processes}"] if args.processes > 0 else [])
     results: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
     with FaultServerProcess(FaultConfig(latency_ms=args.latency_ms, fault_rate=0.0)) as server:
         print(
@@ -334,7 +338,8 @@ def main() -> None:
                         print(
                             f"  round {round_number + 1} {kind:<12} {size:>6} prompts c={concurrency:<3} "
                             f"{run['calls'] / run['seconds']:7.1f} calls/s "
-                            f"{run['cpu_s'] / run['calls'] * 1e6:6.0f} us CPU/call {run['rss_mb']:6.0f} MB",
+                            f"{run['cpu_s'] / run['calls'] * 1e6:6.0f} us CPU/call {run['rss_mb']:6.0f} MB "
+                            f"in {run['processes']} process(es)",
                             flush=True,
                         )
         mapped = mapped_rate(server.base_url, args.mapped_items) if args.mapped_items else None

@@ -370,16 +370,24 @@ class AuditStore:
         batch = list(records)
         if not batch:
             return []
+        stored: list[StoredAuditRecord] = []
         with write_transaction(self._engine) as connection:
-            stored = self.append_in(connection, batch)
-        self.after_commit(batch, stored)
+            head = self.append_in(connection, batch, stored=stored)
+        self.after_commit(batch, head)
         return stored
 
-    def append_in(self, connection: Connection, batch: Sequence[AuditRecord]) -> list[StoredAuditRecord]:
-        """Append ``batch`` inside the caller's write transaction (the group-commit writer's); the caller
-        calls :meth:`after_commit` once it has committed."""
+    def append_in(
+        self,
+        connection: Connection,
+        batch: Sequence[AuditRecord],
+        *,
+        stored: list[StoredAuditRecord] | None = None,
+    ) -> tuple[int, str] | None:
+        """Append ``batch`` inside the caller's write transaction (the group-commit writer's) and return the
+        chain's new head ``(seq, hash)``; the caller calls :meth:`after_commit` with it once it has
+        committed. ``stored``: a list to add the records as stored to (the writer needs only the head)."""
         if not batch:
-            return []
+            return None
         hasher = self._hasher
         if hasher is None and not self._warned_unkeyed:
             self._warned_unkeyed = True
@@ -388,7 +396,6 @@ class AuditStore:
                 "recompute, and verification will report the chain as unverifiable"
             )
         seq, prev_hash = self._lock_head(connection)
-        stored: list[StoredAuditRecord] = []
         rows: list[dict[str, Any]] = []
         for record in batch:
             seq += 1
@@ -397,10 +404,11 @@ class AuditStore:
             if seq == 1:
                 self._chain_id = digest
             values = {name: getattr(record, name) for name in _HASHED_FIELDS}
-            # Already validated as an AuditRecord; re-validating 500 records per batch is pure cost.
-            stored.append(
-                StoredAuditRecord.model_construct(**values, seq=seq, prev_hash=prev_hash, hash=digest)
-            )
+            if stored is not None:
+                # Already validated as an AuditRecord; re-validating 500 records per batch is pure cost.
+                stored.append(
+                    StoredAuditRecord.model_construct(**values, seq=seq, prev_hash=prev_hash, hash=digest)
+                )
             rows.append(
                 {
                     **values,
@@ -413,17 +421,16 @@ class AuditStore:
             prev_hash = digest
         prepared_write(connection, _INSERT_RECORDS, list(rows[0])).execute(connection, rows)
         prepared_write(connection, _MOVE_HEAD).execute(connection, [{"new_seq": seq, "new_hash": prev_hash}])
-        return stored
+        return seq, prev_hash
 
     def after_commit(
-        self, records: Sequence[AuditRecord], stored: Sequence[StoredAuditRecord], *, notify: bool = True
+        self, records: Sequence[AuditRecord], head: tuple[int, str] | None, *, notify: bool = True
     ) -> None:
         """What follows a committed append: anchor the head when one is due, then tell the observers
         (unless ``notify`` is False: the caller calls :meth:`notify` itself, later)."""
-        if stored:
-            last = stored[-1]
-            self._last_appended_seq = last.seq
-            self._maybe_anchor(last.seq, last.hash)
+        if head is not None:
+            self._last_appended_seq = head[0]
+            self._maybe_anchor(*head)
         if notify:
             self.notify(records)
 

@@ -9,9 +9,10 @@ locks taken by the caller. :func:`write_transaction` hides that difference.
 from __future__ import annotations
 
 import functools
+import operator
 import threading
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -244,8 +245,13 @@ class PreparedWrite:
         columns = list(keys) if keys is not None else None
         compiled: Any = statement.compile(dialect=dialect, column_keys=columns)
         self.sql: str = compiled.string
-        self._order: list[str] | None = compiled.positiontup
-        self._processors: dict[str, Any] = dict(compiled._bind_processors)
+        order: list[str] | None = compiled.positiontup
+        self._processors: list[tuple[str, Any]] = list(compiled._bind_processors.items())
+        # A positional driver (sqlite3) takes a tuple in the statement's order, built by one C call.
+        self._positional: Callable[[dict[str, Any]], tuple[Any, ...]] | None = None
+        if order:
+            getter = operator.itemgetter(*order)
+            self._positional = getter if len(order) > 1 else (lambda params: (getter(params),))
         # Values the statement holds itself (a WHERE id = 1); the others each row must give.
         base = compiled.construct_params(_check=False)
         self._needed = frozenset(name for name, bind in compiled.binds.items() if bind.required) & set(base)
@@ -255,11 +261,11 @@ class PreparedWrite:
         if not self._needed <= values.keys():
             missing = sorted(self._needed - values.keys())
             raise ValueError(f"no value for {missing} in a prepared write: {self.sql[:80]}")
-        params = {**self._fixed, **values}
-        for name, process in self._processors.items():
+        params = {**self._fixed, **values} if self._fixed or self._processors else values
+        for name, process in self._processors:
             params[name] = process(params[name])
-        if self._order is not None:
-            return tuple(params[name] for name in self._order)
+        if self._positional is not None:
+            return self._positional(params)
         return params
 
     def execute(self, connection: Connection, rows: Sequence[dict[str, Any]]) -> None:

@@ -129,7 +129,7 @@ class StoreWriter:
                 self._connection = write_connection(self._audit.engine)
             connection = self._connection
             with connection.begin():
-                stored = self._audit.append_in(connection, records)  # first: nothing journaled is unaudited
+                head = self._audit.append_in(connection, records)  # first: nothing journaled is unaudited
                 apply_steps(connection, [step for pending in group for step in pending.steps])
                 cached = [write for pending in group for write in pending.cached]
                 if cached:
@@ -141,7 +141,7 @@ class StoreWriter:
             error = failed
             self._drop_connection()  # a broken connection is not tried again
         if error is None and records:
-            self._audit.after_commit(records, stored, notify=False)
+            self._audit.after_commit(records, head, notify=False)
         self._release(group, error)
         if error is None and records:  # metrics and spans: after the callers have gone on
             self._audit.notify(records)

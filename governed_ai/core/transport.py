@@ -30,6 +30,8 @@ import aiohttp
 import numpy as np
 import openai
 import orjson
+import yarl
+from aiohttp.helpers import get_env_proxy_for_url
 from aiolimiter import AsyncLimiter
 
 from governed_ai.core.errors import (
@@ -162,6 +164,15 @@ def http_library() -> Any:
     return importlib.import_module(base.__module__.split(".")[0])
 
 
+def _env_proxy(base_url: str) -> tuple[Any, aiohttp.BasicAuth | None]:
+    """The proxy (and its credentials) that ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY`` give for
+    ``base_url``, or ``(None, None)``."""
+    try:
+        return get_env_proxy_for_url(yarl.URL(base_url))
+    except LookupError:
+        return None, None
+
+
 def _http_client(timeout: float) -> Any:
     """The SDK's aiohttp-based HTTP client when its ``aiohttp`` extra is installed, else None (the SDK's
     default httpx client)."""
@@ -206,6 +217,7 @@ class ModelTransport:
         self._client: openai.AsyncOpenAI | None = None
         self._session: aiohttp.ClientSession | None = None
         self._session_loop: asyncio.AbstractEventLoop | None = None
+        self._proxy: tuple[Any, aiohttp.BasicAuth | None] = (None, None)
         self._target_cache: tuple[str, dict[str, str]] | None = None
         self._served: list[str] | None = None
         self._served_checked = False
@@ -254,11 +266,14 @@ class ModelTransport:
         """The aiohttp session requests go through, made on (and bound to) the running event loop."""
         session, loop = self._session, asyncio.get_running_loop()
         if session is None or session.closed or self._session_loop is not loop:
-            # No connection cap of its own: the caller's concurrency (and the rate limits) bound it.
+            # No connection cap of its own: the caller's concurrency (and the rate limits) bound it. The
+            # proxy the environment names for the endpoint is looked up here, once: with trust_env, aiohttp
+            # would look it up (and parse ~/.netrc) in a thread for every request.
             session = self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0), trust_env=True, skip_auto_headers=("User-Agent",)
+                connector=aiohttp.TCPConnector(limit=0), trust_env=False, skip_auto_headers=("User-Agent",)
             )
             self._session_loop = loop
+            self._proxy = _env_proxy(self._target()[0])
         return session
 
     def _target(self) -> tuple[str, dict[str, str]]:
@@ -368,11 +383,15 @@ class ModelTransport:
         base_url, headers = self._target()
         url = base_url + path
         try:
-            async with self._http().post(
+            session = self._http()
+            proxy, proxy_auth = self._proxy
+            async with session.post(
                 url,
                 data=orjson.dumps(body),
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(total=timeout),
+                proxy=proxy,
+                proxy_auth=proxy_auth,
             ) as response:
                 content = await response.read()
                 status, reply_headers = response.status, dict(response.headers)

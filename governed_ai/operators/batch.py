@@ -24,7 +24,7 @@ from governed_ai.core.batch import (
     make_items,
     parse_rows,
 )
-from governed_ai.core.batch.processes import default_processes, run_in_processes
+from governed_ai.core.batch.processes import auto_processes, run_in_processes
 from governed_ai.core.batch.spool import write_lines
 from governed_ai.core.budget import DEFAULT_WAIT_SECONDS
 from governed_ai.core.client import GovernedClient
@@ -90,15 +90,19 @@ class LLMBatchOperator(BaseOperator):
     :param max_tokens: Upper bound on reply tokens per call (the policy may cap it further).
     :param output_schema: A pydantic model class; replies are validated into it, with repairs.
     :param max_repair_attempts: Repair attempts per item after an invalid structured reply.
-    :param concurrency: Calls in flight at once (default 8), per process.
-    :param processes: Run the batch in this many processes (forked from the task's; default 1), or
-        ``"auto"`` for one per core the worker gives the task. Governance costs CPU per call, and one
-        process runs on one core: when a batch is CPU-bound (hundreds of calls per second), processes
-        multiply its throughput. All of them govern the same task instance: one policy, one budget
-        ledger, one replay journal and one audit chain; rate limits are shared out; results come back in
-        item order. Each process holds ``concurrency`` calls in flight. Uses ``fork`` (Linux/macOS);
-        tested under LocalExecutor and ``dag.test()``, not yet inside a Celery worker, where one run
-        failed: keep 1 there until that is resolved.
+    :param concurrency: Calls in flight at once for the task (default 8), shared out among its processes:
+        the endpoint sees this many requests at a time however many processes run them.
+    :param processes: Run the batch in this many processes (forked from the task's), or ``"auto"`` (the
+        default): one per core the worker gives the task, as far as the batch has 250 items and
+        ``concurrency`` 16 calls in flight per process; 1 for smaller or less concurrent batches (they
+        wait on the endpoint, not on a core, and a second process only adds CPU). Governance costs
+        CPU per call, and one process runs on one core: when a batch is CPU-bound (hundreds of calls per
+        second), processes multiply its throughput. All of them govern the same task instance: one
+        policy, one budget ledger, one replay journal and one audit chain; rate limits and
+        ``concurrency`` are shared out; results come back in item order. Uses ``fork`` (Linux/macOS).
+        Tested under LocalExecutor and ``dag.test()``; inside a Celery worker one run failed and the
+        cause is not yet known, so where the deployment's ``[core] executor`` names Celery, ``"auto"``
+        means 1 (an explicit number is still obeyed).
     :param requests_per_minute: Client-side request rate limit (None: unlimited).
     :param tokens_per_minute: Client-side token rate limit, on estimated tokens (None: unlimited).
     :param max_retries: Retries of one request on transient errors (429 honouring Retry-After, 5xx,
@@ -146,7 +150,7 @@ class LLMBatchOperator(BaseOperator):
         output_schema: type[BaseModel] | None = None,
         max_repair_attempts: int = 2,
         concurrency: int = 8,
-        processes: int | Literal["auto"] = 1,
+        processes: int | Literal["auto"] = "auto",
         requests_per_minute: float | None = None,
         tokens_per_minute: float | None = None,
         max_retries: int | None = None,
@@ -303,10 +307,13 @@ class LLMBatchOperator(BaseOperator):
                         spool_directory=spool_directory,
                     )
 
-                processes = min(self._processes(), len(items))
+                processes = self._processes(len(items))
                 with _quiet_http_logs():
                     if processes > 1:
-                        self.log.info("Running the batch in %d processes", processes)
+                        self.log.info(
+                            "Running the batch in %d processes, %d calls in flight between them",
+                            processes, self.settings.concurrency,
+                        )  # fmt: skip
                         governor = client.governor
                         run = run_in_processes(
                             items,
@@ -442,8 +449,14 @@ class LLMBatchOperator(BaseOperator):
             ),
         }
 
-    def _processes(self) -> int:
-        return default_processes() if self.processes == "auto" else int(self.processes)
+    def _processes(self, items: int) -> int:
+        """How many processes run this batch: never more than items or calls in flight."""
+        concurrency = self.settings.concurrency
+        if self.processes != "auto":
+            return max(1, min(int(self.processes), items, concurrency))
+        if _executor_names_celery():
+            return 1
+        return auto_processes(items, concurrency)
 
     def _spool_directory(self, context: Context, total: int) -> str | None:
         """Outcomes are spooled beside a local results file (publishing is then a local copy); else in the
@@ -506,3 +519,10 @@ def _quiet_http_logs() -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
+
+
+def _executor_names_celery() -> bool:
+    """Whether the deployment's ``[core] executor`` names Celery (``processes="auto"`` then means 1)."""
+    from airflow.providers.common.compat.sdk import conf
+
+    return "celery" in (conf.get("core", "executor", fallback="") or "").lower()

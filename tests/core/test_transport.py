@@ -119,3 +119,68 @@ def test_embeddings_come_back_in_input_order_with_their_token_count(server):
     sent = asyncio.run(go())
     assert sent.result.vectors.shape[0] == 3
     assert server.paths[-1].endswith("/embeddings")
+
+
+class _RecordingProxy:
+    """A minimal HTTP forward proxy: records each request line it is asked to forward and answers a
+    canned chat completion itself (it never reaches the named host)."""
+
+    REPLY = (
+        b'{"id":"x","object":"chat.completion","created":0,"model":"fake-model","choices":[{"index":0,'
+        b'"message":{"role":"assistant","content":"via proxy"},"finish_reason":"stop"}],'
+        b'"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}'
+    )
+
+    def __init__(self) -> None:
+        self.request_lines: list[str] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        self.request_lines.append(lines[0])
+        length = next(
+            int(line.split(":", 1)[1]) for line in lines if line.lower().startswith("content-length")
+        )
+        await reader.readexactly(length)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+            + str(len(self.REPLY)).encode()
+            + b"\r\nConnection: close\r\n\r\n"
+            + self.REPLY
+        )
+        await writer.drain()
+        writer.close()
+
+
+@pytest.mark.parametrize("bypassed", [False, True])
+def test_the_environments_proxy_is_used_unless_no_proxy_names_the_host(monkeypatch, bypassed):
+    proxy = _RecordingProxy()
+    endpoint = "http://llm.internal.example:8080/v1"
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "llm.internal.example" if bypassed else "")
+    monkeypatch.setenv("no_proxy", "llm.internal.example" if bypassed else "")
+
+    async def go() -> str:
+        server = await asyncio.start_server(proxy.handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{port}")
+        transport = ModelTransport(
+            LLMConnectionSettings(base_url=endpoint, api_key="sk-test-key", timeout=2, max_retries=0),
+            connection_id="llm",
+        )
+        try:
+            return (await transport.chat(BODY)).result.content or ""
+        except ModelUnavailable as error:  # bypassed: the made-up host does not resolve
+            return f"failed: {error}"
+        finally:
+            await transport.aclose()
+            server.close()
+
+    outcome = asyncio.run(go())
+    if bypassed:
+        assert outcome.startswith("failed") and proxy.request_lines == []
+    else:
+        assert outcome == "via proxy"
+        assert proxy.request_lines == [f"POST {endpoint}/chat/completions HTTP/1.1"]

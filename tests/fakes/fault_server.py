@@ -100,6 +100,7 @@ class _Stats:
     requests: int = 0
     chat_requests: int = 0
     in_flight: int = 0
+    peak_in_flight: int = 0
     successes: Counter[str] = field(default_factory=Counter)
     tokens: Counter[str] = field(default_factory=Counter)
     attempts: Counter[str] = field(default_factory=Counter)
@@ -110,6 +111,7 @@ class _Stats:
             "requests": self.requests,
             "chat_requests": self.chat_requests,
             "in_flight": self.in_flight,
+            "peak_in_flight": self.peak_in_flight,
             "successes": dict(self.successes),
             "tokens": dict(self.tokens),
             "attempts": dict(self.attempts),
@@ -203,6 +205,7 @@ class _Protocol:
         with self._lock:
             self.stats.chat_requests += 1
             self.stats.in_flight += 1
+            self.stats.peak_in_flight = max(self.stats.peak_in_flight, self.stats.in_flight)
             self.stats.attempts[key] += 1
             attempt = self.stats.attempts[key]
         try:

@@ -390,3 +390,29 @@ def test_a_small_batch_on_the_real_local_model(
     again = op.execute(task_context(try_number=2))
     assert again["summary"]["replayed"] == 4
     assert len(audit("model.call")) == 4  # the retry made no model call
+
+
+@pytest.mark.parametrize(
+    ("processes", "items", "concurrency", "executor", "expected"),
+    [
+        ("auto", 100, 64, "LocalExecutor", 1),  # too few items to be worth a fork
+        ("auto", 1_000, 64, "LocalExecutor", 2),  # one per core (2 given below)
+        ("auto", 100_000, 8, "LocalExecutor", 1),  # few calls in flight: waiting on the endpoint, not CPU
+        ("auto", 1_000, 64, "CeleryExecutor", 1),  # not yet known to work inside a Celery worker
+        ("auto", 1_000, 64, "LocalExecutor,CeleryExecutor", 1),
+        (4, 1_000, 2, "CeleryExecutor", 2),  # an explicit number is obeyed, within concurrency
+        (4, 3, 8, "LocalExecutor", 3),  # never more processes than items
+    ],
+)
+def test_how_many_processes_run_a_batch(processes, items, concurrency, executor, expected, monkeypatch):
+    monkeypatch.setenv("AIRFLOW__CORE__EXECUTOR", executor)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    op = LLMBatchOperator(
+        task_id="classify", items=[], prompt_template="x", processes=processes, concurrency=concurrency
+    )
+    assert op.processes == processes
+    assert op._processes(items) == expected
+
+
+def test_processes_default_to_auto():
+    assert LLMBatchOperator(task_id="classify", items=[], prompt_template="x").processes == "auto"

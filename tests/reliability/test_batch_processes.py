@@ -72,6 +72,8 @@ def test_two_processes_give_the_results_of_one_each_item_paid_once_in_one_audit_
     stats = server.stats()
     assert stats["successes"] == {i["id"]: 1 for i in items(ITEMS)}
     assert sum(stats["faults"].values()) > 0  # retries really happened, in both processes
+    # ``concurrency`` is the task's: the two processes hold 2 + 2 calls in flight, never 4 each.
+    assert CONCURRENCY // 2 < stats["peak_in_flight"] <= CONCURRENCY
 
     governor = GovernanceHook().governor
     calls = governor.audit.query(action="model.call", dag_id=DAG_ID, limit=None)

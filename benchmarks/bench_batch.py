@@ -11,8 +11,9 @@ server answering JSON that fits its schema) are sent by, each in a fresh process
   governed   ``LLMBatchOperator.execute`` with its defaults and governance fully on (policy, budget
              ledger, redaction of prompts and replies, hash-chained keyed audit trail, replay journal,
              SQLite store), results and failures streamed to files, as a scheduled task runs it; by
-             default (``processes="auto"``) in one process per core for batches of 500 items and more,
-             ``concurrency`` calls in flight between them;
+             default (``processes="auto"``) in one process per core where the batch has 250 items and
+             32 calls in flight per process (here: 2 processes at concurrency 64), ``concurrency`` calls
+             in flight between them;
   governed-pN  the same with ``processes=N`` (``--processes``, default 1: the one-process figure).
 
 Sizes (``--sizes``, default 1,000 and 10,000 prompts) x concurrencies (``--concurrency``, default 8, 32,

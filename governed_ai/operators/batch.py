@@ -94,7 +94,7 @@ class LLMBatchOperator(BaseOperator):
         the endpoint sees this many requests at a time however many processes run them.
     :param processes: Run the batch in this many processes (forked from the task's), or ``"auto"`` (the
         default): one per core the worker gives the task, as far as the batch has 250 items and
-        ``concurrency`` 16 calls in flight per process; 1 for smaller or less concurrent batches (they
+        ``concurrency`` 32 calls in flight per process; 1 for smaller or less concurrent batches (they
         wait on the endpoint, not on a core, and a second process only adds CPU). Governance costs
         CPU per call, and one process runs on one core: when a batch is CPU-bound (hundreds of calls per
         second), processes multiply its throughput. All of them govern the same task instance: one

@@ -44,8 +44,9 @@ RunnerFactory = Callable[[GovernedClient], BatchRunner]
 MIN_ITEMS_PER_PROCESS = 250
 #: ... and for this many calls in flight: below it a process waits on the endpoint, not on its core, and a
 #: second one adds CPU (its own commits, client and connections) without adding calls (measured with
-#: benchmarks/bench_batch.py: at concurrency 8, two processes gave the calls/s of one for 25% more CPU).
-MIN_CALLS_IN_FLIGHT_PER_PROCESS = 16
+#: benchmarks/bench_batch.py: at concurrency 32, two processes of 16 gave 3% more calls/s for 35% more CPU;
+#: at 64, two of 32 gave 14% more for the same CPU per call).
+MIN_CALLS_IN_FLIGHT_PER_PROCESS = 32
 
 
 def default_processes() -> int:

@@ -55,7 +55,8 @@ class OutcomeSpool:
 
     def add(self, position: int, status: str, row: dict[str, Any]) -> None:
         line = orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE)
-        self._file.seek(self._end)
+        # Only ever appended to through this handle (readers open the path): no seek, which would flush
+        # the write buffer, a system call per item.
         self._file.write(line)
         self._offsets[position] = self._end
         self._lengths[position] = len(line)
